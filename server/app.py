@@ -1,0 +1,72 @@
+"""The Flask app factory."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+from server import db, queue
+from server.config import Settings, load_settings
+from server.errors import ScalariumError
+from server.vault import Vault, load_or_create_key
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1024 * 1024
+
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def create_app(config: Settings | None = None) -> Flask:
+    """Build the app; nothing connects or reads the environment before this is called."""
+    settings = config if config is not None else load_settings()
+    app = Flask(__name__)
+    app.config["SCALARIUM"] = settings
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app.extensions["scalarium.vault"] = Vault(
+        load_or_create_key(settings.data_dir, settings.secret_key)
+    )
+    db.init_app(app)
+    queue.init_app(app)
+    _register_errors(app)
+
+    from server.api import apps, deployments, instances, layers, stacks, system  # noqa: F401
+    from server.api.v1 import v1
+
+    app.register_blueprint(v1.blueprint)
+    return app
+
+
+def _register_errors(app: Flask) -> None:
+    @app.errorhandler(ScalariumError)
+    def _scalarium_error(error: ScalariumError) -> Any:
+        return jsonify(error.to_dict()), error.status
+
+    @app.errorhandler(HTTPException)
+    def _http_error(error: HTTPException) -> Any:
+        status = error.code or 500
+        body = ScalariumError(
+            error.description or error.name, code=_HTTP_CODES.get(status, f"http_{status}")
+        ).to_dict()
+        response = jsonify(body)
+        if status == 405 and error.valid_methods:  # type: ignore[attr-defined]
+            response.headers["Allow"] = ", ".join(error.valid_methods)  # type: ignore[attr-defined]
+        return response, status
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception) -> Any:
+        log.exception("unhandled error: %s", type(error).__name__)
+        body = ScalariumError("internal error; see the server log").to_dict()
+        return jsonify(body), 500

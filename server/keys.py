@@ -1,0 +1,22 @@
+"""Every Redis key Scalarium uses comes from here."""
+
+from __future__ import annotations
+
+
+class Keys:
+    """Key templates under one prefix, so installations can share a Redis."""
+
+    def __init__(self, prefix: str = "scalarium") -> None:
+        self.prefix = prefix
+
+    def periodic(self, job: str, slot: int) -> str:
+        """Claimed by the scheduler that enqueues a periodic job for a time slot."""
+        return f"{self.prefix}:periodic:{job}:{slot}"
+
+    def scheduler_alive(self) -> str:
+        """Set by a running scheduler, with an expiry."""
+        return f"{self.prefix}:scheduler:alive"
+
+    def health(self) -> str:
+        """Written by the health check to prove Redis accepts writes."""
+        return f"{self.prefix}:health"

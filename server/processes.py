@@ -1,0 +1,186 @@
+"""The long-running processes: server, worker, scheduler, and `up`, which runs them all."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from typing import Any
+
+from server import embedded
+from server.config import Settings
+from server.db import Database
+from server.keys import Keys
+from server.migrate import ensure_admin_token, upgrade
+from server.queue import QUEUE_NAMES, connect
+
+log = logging.getLogger(__name__)
+
+
+def ensure_redis(settings: Settings) -> None:
+    """For a standalone process on the embedded defaults, start the shared embedded Redis."""
+    if settings.embedded_redis:
+        embedded.start(settings, daemonize=True)
+
+
+def prepare(settings: Settings) -> str | None:
+    """Create or upgrade the schema; returns a new admin token on the very first start."""
+    upgrade(settings.database_url)
+    database = Database(settings.database_url)
+    try:
+        return ensure_admin_token(settings, database)
+    finally:
+        database.dispose()
+
+
+def run_server(settings: Settings) -> None:
+    """Serve the app with gunicorn (threads: long polls wait on I/O, not CPU)."""
+    from gunicorn.app.base import BaseApplication
+
+    class Server(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            options = {
+                "bind": settings.bind,
+                "workers": settings.web_workers,
+                "worker_class": "gthread",
+                "threads": settings.web_threads,
+                "timeout": 120,
+                "graceful_timeout": 10,
+                "control_socket_disable": True,
+                "accesslog": "-",
+                "errorlog": "-",
+                "loglevel": settings.log_level.lower(),
+                # Query strings are not logged: webhook and install URLs may carry secrets.
+                "access_log_format": '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms',
+            }
+            for key, value in options.items():
+                self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            from server.app import create_app
+
+            return create_app(settings)
+
+    Server().run()
+
+
+def run_worker(settings: Settings, *, burst: bool = False) -> None:
+    """Run an RQ worker on Scalarium's queues."""
+    from rq import Worker
+
+    connection = connect(settings)
+    worker = Worker(list(QUEUE_NAMES), connection=connection)
+    worker.work(burst=burst, logging_level=settings.log_level)
+
+
+def run_scheduler(settings: Settings) -> None:
+    """Run the periodic-job scheduler until SIGTERM or SIGINT."""
+    from server import schedule
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("scheduler: started")
+    schedule.run(connect(settings), Keys(settings.queue_prefix), stop)
+    log.info("scheduler: stopped")
+
+
+def _child_env(settings: Settings, redis_url: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "SCALARIUM_DATA_DIR": str(settings.data_dir.resolve()),
+            "SCALARIUM_DATABASE_URL": settings.database_url,
+            "SCALARIUM_REDIS_URL": redis_url,
+            "SCALARIUM_BIND": settings.bind,
+            "SCALARIUM_PUBLIC_URL": settings.public_url,
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
+
+
+def wait_healthy(url: str, timeout: float = 60.0) -> bool:
+    """Poll the health endpoint until it answers 200 or the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/api/v1/health", timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
+def run_up(settings: Settings) -> int:
+    """Everything in one process tree: embedded Redis, server, worker, scheduler."""
+    started = time.monotonic()
+    redis_child = None
+    if settings.embedded_redis:
+        redis_child = embedded.start(settings, daemonize=False)
+        redis_url = embedded.embedded_url(settings)
+    else:
+        redis_url = settings.redis_url
+    children: list[subprocess.Popen[bytes]] = []
+    stopping = threading.Event()
+
+    def _stop(signum: int, _frame: Any) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    code = 0
+    try:
+        token = prepare(settings)
+        env = _child_env(settings, redis_url)
+        for role in ("server", "worker", "scheduler"):
+            children.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "server.cli", role], env=env, start_new_session=True
+                )
+            )
+        url = f"http://{settings.bind}"
+        if wait_healthy(url):
+            took = time.monotonic() - started
+            print(f"\nScalarium is up at {url} (healthy after {took:.1f} s)", flush=True)
+            token_file = (settings.data_dir / "admin-token").resolve()
+            if token:
+                print(f"Admin token (shown once, also in {token_file}):\n  {token}", flush=True)
+            else:
+                print(f"Admin token: see {token_file}", flush=True)
+            print("Press Ctrl-C to stop.\n", flush=True)
+        else:
+            print("Scalarium did not become healthy; see the log above", file=sys.stderr)
+            stopping.set()
+            code = 1
+        while not stopping.is_set():
+            for child in children:
+                if child.poll() is not None:
+                    print(
+                        f"a child process exited ({child.args[-1]}, status "
+                        f"{child.returncode}); stopping",
+                        file=sys.stderr,
+                    )
+                    stopping.set()
+                    code = 1
+            stopping.wait(0.5)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+        embedded.stop(redis_child, settings)
+        print("Scalarium stopped.", flush=True)
+    return code
