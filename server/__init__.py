@@ -1,0 +1,1 @@
+"""Scalarium server: API, orchestration, jobs, providers, PKI and CLI."""

@@ -1,0 +1,1 @@
+"""Everything that speaks Chef: signing, cookbooks, bundles, solo.rb, node JSON."""
