@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,7 @@ HOSTNAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 _COOKBOOK = r"[A-Za-z0-9_.-]+(::[A-Za-z0-9_.-]+)?"
 RECIPE = rf"^(recipe\[{_COOKBOOK}(@[0-9.]+)?\]|role\[[A-Za-z0-9_.-]+\]|{_COOKBOOK})$"
 _MISSING = object()
+MAX_OBJECT_BYTES = 256 * 1024
 
 # Python type accepted for each JSON type; bool is excluded from integer explicitly.
 _PYTHON_TYPES: dict[str, tuple[type, ...]] = {
@@ -136,95 +138,84 @@ class Schema:
 
 
 def _check(path: str, value: Any, rule: F, errors: list[dict[str, str]]) -> Any:
-    """Validate one value against its rule, appending errors; returns the value."""
+    """Validate one value against its rule, appending errors; returns the cleaned value."""
     if value is None:
         if not rule.nullable:
-            errors.append({"field": path, "code": "invalid_type", "message": f"{path} is null"})
+            _error(errors, path, "invalid_type", f"{path} is null")
         return None
-    expected = _PYTHON_TYPES[rule.type]
-    if not isinstance(value, expected) or (
-        isinstance(value, bool) and rule.type in ("integer", "number")
-    ):
-        errors.append(
-            {
-                "field": path,
-                "code": "invalid_type",
-                "message": f"{path} must be of type {rule.type}",
-            }
-        )
+    if not _is_type(value, rule.type):
+        _error(errors, path, "invalid_type", f"{path} must be of type {rule.type}")
         return value
-    if rule.type == "string":
-        if rule.max_length is not None and len(value) > rule.max_length:
-            errors.append(
-                {
-                    "field": path,
-                    "code": "too_long",
-                    "message": f"{path} is longer than {rule.max_length} characters",
-                }
-            )
-        elif rule.min_length is not None and len(value) < rule.min_length:
-            errors.append({"field": path, "code": "too_short", "message": f"{path} is too short"})
-        elif rule.pattern is not None and not re.fullmatch(rule.pattern.strip("^$"), value):
-            errors.append(
-                {
-                    "field": path,
-                    "code": "invalid_format",
-                    "message": f"{path} must match {rule.pattern}",
-                }
-            )
     if rule.enum is not None and value not in rule.enum:
-        errors.append(
-            {
-                "field": path,
-                "code": "invalid_choice",
-                "message": f"{path} must be one of {', '.join(map(str, rule.enum))}",
-            }
-        )
-    if rule.type in ("integer", "number"):
-        if (rule.minimum is not None and value < rule.minimum) or (
-            rule.maximum is not None and value > rule.maximum
-        ):
-            errors.append(
-                {"field": path, "code": "out_of_range", "message": f"{path} is out of range"}
-            )
-    if rule.type == "array":
-        if rule.max_items is not None and len(value) > rule.max_items:
-            errors.append(
-                {"field": path, "code": "too_many_items", "message": f"{path} has too many items"}
-            )
-        if rule.items is not None:
-            value = [
-                _check(f"{path}[{i}]", item, rule.items, errors) for i, item in enumerate(value)
-            ]
-    if rule.type == "object":
-        if rule.properties is not None:
-            for key in value:
-                if key not in rule.properties:
-                    errors.append(
-                        {
-                            "field": f"{path}.{key}",
-                            "code": "unknown_field",
-                            "message": f"unknown field {path}.{key}",
-                        }
-                    )
-            out: dict[str, Any] = {}
-            for key, sub in rule.properties.items():
-                if key in value:
-                    out[key] = _check(f"{path}.{key}", value[key], sub, errors)
-                elif sub.required:
-                    errors.append(
-                        {
-                            "field": f"{path}.{key}",
-                            "code": "missing_field",
-                            "message": f"{path}.{key} is required",
-                        }
-                    )
-            value = out
-        elif rule.values is not None:
-            value = {k: _check(f"{path}.{k}", v, rule.values, errors) for k, v in value.items()}
-        if _json_size(value) > 256 * 1024:
-            errors.append({"field": path, "code": "too_large", "message": f"{path} is too large"})
+        choices = ", ".join(map(str, rule.enum))
+        _error(errors, path, "invalid_choice", f"{path} must be one of {choices}")
+    checker = _CHECKERS.get(rule.type)
+    return checker(path, value, rule, errors) if checker else value
+
+
+def _is_type(value: Any, json_type: str) -> bool:
+    # bool is a subclass of int in Python but not a number in JSON.
+    if isinstance(value, bool):
+        return json_type == "boolean"
+    return isinstance(value, _PYTHON_TYPES[json_type])
+
+
+def _check_string(path: str, value: str, rule: F, errors: list[dict[str, str]]) -> str:
+    if rule.max_length is not None and len(value) > rule.max_length:
+        _error(errors, path, "too_long", f"{path} is longer than {rule.max_length} characters")
+    elif rule.min_length is not None and len(value) < rule.min_length:
+        _error(errors, path, "too_short", f"{path} is too short")
+    elif rule.pattern is not None and not re.fullmatch(rule.pattern, value):
+        _error(errors, path, "invalid_format", f"{path} must match {rule.pattern}")
     return value
+
+
+def _check_number(path: str, value: float, rule: F, errors: list[dict[str, str]]) -> float:
+    if (rule.minimum is not None and value < rule.minimum) or (
+        rule.maximum is not None and value > rule.maximum
+    ):
+        _error(errors, path, "out_of_range", f"{path} is out of range")
+    return value
+
+
+def _check_array(path: str, value: list[Any], rule: F, errors: list[dict[str, str]]) -> list[Any]:
+    if rule.max_items is not None and len(value) > rule.max_items:
+        _error(errors, path, "too_many_items", f"{path} has too many items")
+    items = rule.items
+    if items is None:
+        return value
+    return [_check(f"{path}[{i}]", v, items, errors) for i, v in enumerate(value)]
+
+
+def _check_object(
+    path: str, value: dict[str, Any], rule: F, errors: list[dict[str, str]]
+) -> dict[str, Any]:
+    if rule.properties is not None:
+        for key in value:
+            if key not in rule.properties:
+                _error(errors, f"{path}.{key}", "unknown_field", f"unknown field {path}.{key}")
+        out: dict[str, Any] = {}
+        for key, sub in rule.properties.items():
+            if key in value:
+                out[key] = _check(f"{path}.{key}", value[key], sub, errors)
+            elif sub.required:
+                _error(errors, f"{path}.{key}", "missing_field", f"{path}.{key} is required")
+        value = out
+    elif rule.values is not None:
+        values = rule.values
+        value = {k: _check(f"{path}.{k}", v, values, errors) for k, v in value.items()}
+    if _json_size(value) > MAX_OBJECT_BYTES:
+        _error(errors, path, "too_large", f"{path} is larger than {MAX_OBJECT_BYTES} bytes")
+    return value
+
+
+_CHECKERS: dict[str, Callable[[str, Any, F, list[dict[str, str]]], Any]] = {
+    "string": _check_string,
+    "integer": _check_number,
+    "number": _check_number,
+    "array": _check_array,
+    "object": _check_object,
+}
 
 
 def _error(errors: list[dict[str, str]], path: str, code: str, message: str) -> None:
@@ -232,8 +223,6 @@ def _error(errors: list[dict[str, str]], path: str, code: str, message: str) -> 
 
 
 def _json_size(value: Any) -> int:
-    import json
-
     return len(json.dumps(value))
 
 
