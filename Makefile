@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 # Debian packages the tests use: goiardi (Chef Server API), ruby (ruby -c on cookbooks and solo.rb),
 # shellcheck (install.sh), openssl, git, curl, iproute2 (network namespaces for e2e tests).
-DEBIAN_TEST_PACKAGES := goiardi ruby shellcheck openssl git curl iproute2 procps
+DEBIAN_TEST_PACKAGES := goiardi ruby shellcheck openssl git curl iproute2 procps util-linux hostname
 
 .PHONY: run test lint typecheck install system-packages services bench clean
 
