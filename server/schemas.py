@@ -259,6 +259,9 @@ COOKBOOK_SOURCE = F(
         "ssh_key": F("string", max_length=16384, description="write-only secret"),
         "username": _text(255),
         "password": F("string", max_length=1024, description="write-only secret"),
+        "sha256": F("string", pattern=r"^[0-9a-f]{64}$"),
+        "submodules": F("boolean"),
+        "region": _text(32, pattern=r"^[a-z0-9-]{1,32}$"),
     },
 )
 
