@@ -8,7 +8,7 @@ from typing import Any
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-from server import db, queue
+from server import db, enrollment, queue
 from server.config import Settings, load_settings
 from server.errors import ScalariumError
 from server.vault import Vault, load_or_create_key
@@ -40,12 +40,25 @@ def create_app(config: Settings | None = None) -> Flask:
     )
     db.init_app(app)
     queue.init_app(app)
+    enrollment.init_app(app)
     _register_errors(app)
 
-    from server.api import apps, deployments, instances, layers, stacks, system  # noqa: F401
+    from server.api import (  # noqa: F401
+        agent,
+        apps,
+        bootstrap,
+        deployments,
+        instances,
+        layers,
+        stacks,
+        system,
+        userdata,
+    )
     from server.api.v1 import v1
 
     app.register_blueprint(v1.blueprint)
+    agent.init_app(app)
+    bootstrap.init_app(app)
     return app
 
 

@@ -124,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
         p = command("delete", cmd_delete, f"delete one of the {resource}", res)
         _client_args(p, resource, parent, with_stack=resource == "stacks")
         p.add_argument("ref", metavar="ID" if resource != "stacks" else "STACK")
+        if resource == "instances":
+            p = command(
+                "user-data",
+                cmd_user_data,
+                "print an instance's user-data (issues a new one-time token; the old one dies)",
+                res,
+            )
+            _client_args(p, resource, parent)
+            p.add_argument("ref", metavar="INSTANCE", help="instance id or hostname")
         if resource == "stacks":
             p = command("clone", cmd_clone, "clone a stack's settings, layers and apps", res)
             _client_args(p, resource, None, with_stack=True)
@@ -431,6 +440,22 @@ def cmd_delete(args: argparse.Namespace) -> int:
     client = _client(args)
     result = client.request("DELETE", _path(client, args))
     print(json.dumps(result) if args.json else f"deleted {result['deleted']}")
+    return 0
+
+
+def cmd_user_data(args: argparse.Namespace) -> int:
+    """Print an instance's user-data script (or, with --json, the whole answer)."""
+    client = _client(args)
+    instance_id = _child_id(client, _stack_id(client, args.stack), "instances", args.ref)
+    result = client.get(f"/instances/{instance_id}/user-data")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(result["user_data"], end="")
+        print(
+            f"# token valid until {result['expires_at']}; instance is {result['status']}",
+            file=sys.stderr,
+        )
     return 0
 
 

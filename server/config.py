@@ -22,7 +22,16 @@ ENVIRONMENT = {
     "SCALARIUM_QUEUE_PREFIX": "queue_prefix",
     "SCALARIUM_EVENT_RETENTION_DAYS": "event_retention_days",
     "SCALARIUM_LOG_LEVEL": "log_level",
+    "SCALARIUM_TLS": "tls",
+    "SCALARIUM_CA_CERT": "ca_cert",
+    "SCALARIUM_CA_KEY": "ca_key",
+    "SCALARIUM_ENROLL_TOKEN_TTL": "enroll_token_ttl",
+    "SCALARIUM_CERT_LIFETIME_DAYS": "cert_lifetime_days",
+    "SCALARIUM_CHEF_INSTALL": "chef_install",
 }
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
 
 SECRET_FIELDS = {"secret_key"}
 
@@ -42,6 +51,17 @@ class Settings:
     queue_prefix: str = "scalarium"
     event_retention_days: int = 90
     log_level: str = "INFO"
+    # None: serve HTTPS exactly when the public URL is https.
+    tls: bool | None = None
+    # An operator's own CA (both PEM paths); empty means the CA created under data_dir/pki.
+    ca_cert: str = ""
+    ca_key: str = ""
+    enroll_token_ttl: int = 3600
+    cert_lifetime_days: int = 365
+    # How install.sh gets chef-solo: auto (Cinc, or Chef when the stack's binary is chef-solo,
+    # at the stack's pinned version), cinc, chef, cinc:VERSION, chef:VERSION, skip,
+    # url:URL#sha256=HEX.
+    chef_install: str = "auto"
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -59,6 +79,18 @@ class Settings:
         """The embedded Redis database file."""
         return self.data_dir / "redis" / "redis.db"
 
+    @property
+    def tls_enabled(self) -> bool:
+        """Whether `scalarium server` serves HTTPS itself."""
+        if self.tls is not None:
+            return self.tls
+        return self.public_url.startswith("https://")
+
+    @property
+    def pki_dir(self) -> Path:
+        """Where the installation CA and the server TLS material live."""
+        return self.data_dir / "pki"
+
     def effective_redis_url(self) -> str:
         """The URL clients connect to, embedded or not."""
         return self.redis_url or f"unix://{self.redis_socket.resolve()}"
@@ -74,14 +106,39 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
     values.update({k: v for k, v in overrides.items() if v is not None})
     data_dir = Path(values.get("data_dir", "./var"))
     values["data_dir"] = data_dir
-    for attribute in ("web_workers", "web_threads", "event_retention_days"):
+    for attribute in (
+        "web_workers",
+        "web_threads",
+        "event_retention_days",
+        "enroll_token_ttl",
+        "cert_lifetime_days",
+    ):
         if attribute in values:
             values[attribute] = int(values[attribute])
+    if "tls" in values:
+        values["tls"] = parse_flag(values["tls"], "SCALARIUM_TLS")
+    if bool(values.get("ca_cert")) != bool(values.get("ca_key")):
+        raise ValueError("SCALARIUM_CA_CERT and SCALARIUM_CA_KEY must be set together")
     if not values.get("database_url"):
         values["database_url"] = f"sqlite:///{(data_dir / 'scalarium.db').resolve()}"
     if not values.get("public_url"):
-        values["public_url"] = f"http://{values.get('bind', Settings.bind)}"
+        scheme = "https" if values.get("tls") else "http"
+        values["public_url"] = f"{scheme}://{values.get('bind', Settings.bind)}"
     return Settings(**values)
+
+
+def parse_flag(value: Any, name: str) -> bool | None:
+    """A boolean setting from its string form ("" or "auto" mean None: decided elsewhere)."""
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("", "auto"):
+        return None
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"{name} must be 1 or 0 (or true/false), not {value!r}")
 
 
 def with_overrides(settings: Settings, **changes: Any) -> Settings:
@@ -106,6 +163,10 @@ def describe(settings: Settings) -> dict[str, str]:
             continue
         if key in SECRET_FIELDS:
             shown[key] = "*****" if value else "(generated in data dir)"
+        elif key == "tls":
+            shown[key] = f"{'on' if settings.tls_enabled else 'off'}" + (
+                " (auto: from the public URL)" if value is None else ""
+            )
         elif key in ("database_url", "redis_url"):
             shown[key] = mask_url(str(value)) if value else "(embedded)"
         else:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from server import embedded
 from server.config import Settings
@@ -38,13 +41,38 @@ def prepare(settings: Settings) -> str | None:
         database.dispose()
 
 
+def tls_hostnames(settings: Settings) -> list[str]:
+    """Names the server certificate covers: the public URL's host, the bind host, loopback."""
+    names: list[str] = []
+    public_host = urlsplit(settings.public_url).hostname
+    bind_host = settings.bind.rsplit(":", 1)[0].strip("[]") if ":" in settings.bind else ""
+    for name in (public_host, bind_host, "localhost", "127.0.0.1"):
+        # A wildcard bind address is not a name anyone connects to.
+        if name and name not in ("0.0.0.0", "::") and name not in names:
+            names.append(name)
+    return names
+
+
+def server_tls(settings: Settings) -> tuple[Path, Path] | None:
+    """(certfile, keyfile) for gunicorn when the server serves HTTPS itself, else None."""
+    if not settings.tls_enabled:
+        return None
+    from server import pki
+    from server.enrollment import load_configured_ca
+
+    ca = load_configured_ca(settings)
+    return pki.load_or_create_server_tls(settings.pki_dir, ca, tls_hostnames(settings))
+
+
 def run_server(settings: Settings) -> None:
     """Serve the app with gunicorn (threads: long polls wait on I/O, not CPU)."""
     from gunicorn.app.base import BaseApplication
 
+    tls = server_tls(settings)
+
     class Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
-            options = {
+            options: dict[str, Any] = {
                 "bind": settings.bind,
                 "workers": settings.web_workers,
                 "worker_class": "gthread",
@@ -58,6 +86,8 @@ def run_server(settings: Settings) -> None:
                 # Query strings are not logged: webhook and install URLs may carry secrets.
                 "access_log_format": '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms',
             }
+            if tls is not None:
+                options["certfile"], options["keyfile"] = str(tls[0]), str(tls[1])
             for key, value in options.items():
                 self.cfg.set(key, value)
 
@@ -105,12 +135,24 @@ def _child_env(settings: Settings, redis_url: str) -> dict[str, str]:
     return env
 
 
-def wait_healthy(url: str, timeout: float = 60.0) -> bool:
+def local_url(settings: Settings) -> str:
+    """The URL this host reaches the server at (https when it serves TLS)."""
+    scheme = "https" if settings.tls_enabled else "http"
+    host, _, port = settings.bind.rpartition(":")
+    if host in ("0.0.0.0", "::", "[::]", ""):
+        host = "127.0.0.1"
+    return f"{scheme}://{host}:{port}"
+
+
+def wait_healthy(url: str, timeout: float = 60.0, cafile: Path | None = None) -> bool:
     """Poll the health endpoint until it answers 200 or the timeout passes."""
     deadline = time.monotonic() + timeout
+    context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url + "/api/v1/health", timeout=2) as response:
+            with urllib.request.urlopen(
+                url + "/api/v1/health", timeout=2, context=context
+            ) as response:
                 if response.status == 200:
                     return True
         except OSError:
@@ -146,8 +188,13 @@ def run_up(settings: Settings) -> int:
                     [sys.executable, "-m", "server.cli", role], env=env, start_new_session=True
                 )
             )
-        url = f"http://{settings.bind}"
-        if wait_healthy(url):
+        url = local_url(settings)
+        cafile = None
+        if settings.tls_enabled:
+            # Created (or loaded) here first, so that the health check can verify the server.
+            server_tls(settings)
+            cafile = Path(settings.ca_cert) if settings.ca_cert else settings.pki_dir / "ca.pem"
+        if wait_healthy(url, cafile=cafile):
             took = time.monotonic() - started
             print(f"\nScalarium is up at {url} (healthy after {took:.1f} s)", flush=True)
             token_file = (settings.data_dir / "admin-token").resolve()

@@ -1,0 +1,289 @@
+"""Benchmark: signed agent heartbeats per second through the HTTP stack, vs. an unsigned no-op.
+
+Run from the repository root: ``.venv/bin/python bench/bench_signed_requests.py [--seconds 5]``.
+It starts ``scalarium server`` (gunicorn, embedded defaults: SQLite and the embedded Redis) on a
+free loopback port in a temporary data dir, enrolls ``--agents`` instances over HTTP, pre-signs
+every heartbeat (replays are refused, so each request carries its own signature), then drives
+the server from ``--clients`` keep-alive connections: first with the signed heartbeats (each one
+verified, checked against the replay cache and stored), then with the unsigned
+``GET /agent/v1/ping`` and ``GET /api/v1/health``, and prints the rates and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+# Benchmarks are scripts, not an installed package: make the repository importable.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from chef_bridge.auth import format_time, sign_request  # noqa: E402
+from server import embedded, pki  # noqa: E402
+from server.config import load_settings  # noqa: E402
+
+DEFAULTS = {"seconds": 5.0, "agents": 50, "clients": 16, "keys": 4, "rate_guess": 4000}
+HEARTBEAT = "/agent/v1/heartbeat"
+POLL = "/agent/v1/commands"
+Request = tuple[str, str, bytes, dict[str, str]]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def api(base: str, token: str, method: str, path: str, body: Any = None) -> Any:
+    """One REST call as the admin."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(base + "/api/v1" + path, data=data, method=method)
+    request.add_header("Authorization", f"Bearer {token}")
+    request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def post_json(base: str, path: str, body: Any) -> Any:
+    """One unauthenticated JSON POST."""
+    request = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST")
+    request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def enroll_agents(base: str, token: str, agents: int, keys: list[bytes]) -> list[tuple[str, bytes]]:
+    """Create and enroll `agents` instances; return (instance id, key) pairs."""
+    stack = api(base, token, "POST", "/stacks", {"shortname": "bench"})
+    layer = api(base, token, "POST", f"/stacks/{stack['id']}/layers", {"shortname": "web"})
+    enrolled = []
+    for n in range(agents):
+        instance = api(
+            base,
+            token,
+            "POST",
+            f"/stacks/{stack['id']}/instances",
+            {"hostname": f"node{n}", "layer_ids": [layer["id"]]},
+        )
+        script = api(base, token, "GET", f"/instances/{instance['id']}/user-data")["user_data"]
+        words = shlex.split(script.splitlines()[-1])
+        enroll_token = words[words.index("--token") + 1]
+        key = keys[n % len(keys)]
+        post_json(
+            base,
+            "/agent/v1/enroll",
+            {
+                "token": enroll_token,
+                "csr": pki.build_csr_pem(key, instance["id"]).decode(),
+                "agent_version": "bench",
+                "facts": {"os": "debian", "architecture": "x86_64"},
+            },
+        )
+        enrolled.append((instance["id"], key))
+    return enrolled
+
+
+def presign(enrolled: list[tuple[str, bytes]], count: int) -> list[Request]:
+    """`count` heartbeats, round-robin over the agents, each with its own signature."""
+    requests: list[Request] = []
+    for n in range(count):
+        instance_id, key = enrolled[n % len(enrolled)]
+        # Distinct bodies: two identical requests signed in the same second are one signature,
+        # and the server rightly refuses the second as a replay.
+        body = json.dumps({"agent_version": "bench", "load": [0.1, 0.2, 0.3], "seq": n}).encode()
+        headers = sign_request(key, instance_id, "POST", HEARTBEAT, body, server_api_version="1")
+        headers["Content-Type"] = "application/json"
+        requests.append(("POST", HEARTBEAT, body, headers))
+    return requests
+
+
+def presign_polls(enrolled: list[tuple[str, bytes]], count: int) -> list[Request]:
+    """`count` empty-bodied polls; distinct timestamps keep their signatures distinct."""
+    base = datetime.now(UTC)
+    requests: list[Request] = []
+    for n in range(count):
+        instance_id, key = enrolled[n % len(enrolled)]
+        # Spread inside the 15-minute window: agent n's k-th poll is k seconds older.
+        stamp = format_time(base - timedelta(seconds=(n // len(enrolled)) % 840))
+        headers = sign_request(
+            key, instance_id, "GET", POLL, b"", timestamp=stamp, server_api_version="1"
+        )
+        requests.append(("GET", POLL + "?wait=0", b"", headers))
+    return requests
+
+
+def drive(
+    port: int, clients: int, seconds: float, next_request: Callable[[], Request | None]
+) -> tuple[int, int, float]:
+    """Send requests from `clients` keep-alive connections for `seconds`; (ok, failed, elapsed)."""
+    ok = [0] * clients
+    errors: dict[str, int] = {}
+    errors_lock = threading.Lock()
+    failed = [0] * clients
+    deadline = time.monotonic() + seconds
+    start = time.perf_counter()
+
+    def worker(slot: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        while time.monotonic() < deadline:
+            request = next_request()
+            if request is None:
+                break
+            method, path, body, headers = request
+            connection.request(method, path, body=body or None, headers=headers)
+            response = connection.getresponse()
+            answer = response.read()
+            if response.status == 200:
+                ok[slot] += 1
+            else:
+                failed[slot] += 1
+                with errors_lock:
+                    errors.setdefault(f"{response.status} {answer[:120]!r}", 0)
+                    errors[f"{response.status} {answer[:120]!r}"] += 1
+        connection.close()
+
+    threads = [threading.Thread(target=worker, args=(slot,)) for slot in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for error, count in sorted(errors.items(), key=lambda item: -item[1])[:5]:
+        print(f"  {count} x {error}")
+    return sum(ok), sum(failed), time.perf_counter() - start
+
+
+def main() -> None:
+    """Start a server, enroll agents, and print signed vs. unsigned requests per second."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name, value in DEFAULTS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--web-workers", type=int, default=2)
+    parser.add_argument("--web-threads", type=int, default=8)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="scalarium-bench-") as tmp:
+        port = free_port()
+        env = dict(os.environ)
+        env.update(
+            {
+                "SCALARIUM_DATA_DIR": tmp,
+                "SCALARIUM_BIND": f"127.0.0.1:{port}",
+                "SCALARIUM_WEB_WORKERS": str(args.web_workers),
+                "SCALARIUM_WEB_THREADS": str(args.web_threads),
+                "SCALARIUM_LOG_LEVEL": "WARNING",
+            }
+        )
+        for name in ("SCALARIUM_REDIS_URL", "SCALARIUM_DATABASE_URL", "SCALARIUM_PUBLIC_URL"):
+            env.pop(name, None)
+        settings = load_settings(env)
+        # Started here (not daemonized) so that this script owns it and stops it.
+        redis_child = embedded.start(settings, daemonize=False)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "server"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            from server.processes import wait_healthy
+
+            if not wait_healthy(base, timeout=60):
+                raise SystemExit("the server did not become healthy")
+            token = (Path(tmp) / "admin-token").read_text().strip()
+            keys = [pki.generate_private_key_pem() for _ in range(args.keys)]
+            started = time.perf_counter()
+            enrolled = enroll_agents(base, token, args.agents, keys)
+            print(
+                f"setup: {args.agents} agents enrolled over HTTP in "
+                f"{time.perf_counter() - started:.1f} s"
+            )
+            started = time.perf_counter()
+            signed = presign(enrolled, int(args.rate_guess * args.seconds))
+            print(
+                f"setup: {len(signed)} heartbeats pre-signed in "
+                f"{time.perf_counter() - started:.1f} s"
+            )
+
+            polls = presign_polls(enrolled, min(len(signed), 840 * args.agents))
+            lock = threading.Lock()
+            exhausted: list[str] = []
+
+            def feeder(name: str, requests: list[Request]) -> Callable[[], Request | None]:
+                position = [0]
+
+                def next_request() -> Request | None:
+                    with lock:
+                        if position[0] >= len(requests):
+                            exhausted.append(name)
+                            return None
+                        position[0] += 1
+                        return requests[position[0] - 1]
+
+                return next_request
+
+            def fixed(path: str) -> Callable[[], Request]:
+                return lambda: ("GET", path, b"", {})
+
+            # Warm every worker's caches (keys, certificates) before timing anything.
+            drive(port, args.clients, 0.5, fixed("/agent/v1/ping"))
+            results = {
+                "signed heartbeat (POST /agent/v1/heartbeat)": drive(
+                    port, args.clients, args.seconds, feeder("heartbeats", signed)
+                ),
+                "signed poll (GET /agent/v1/commands?wait=0)": drive(
+                    port, args.clients, args.seconds, feeder("polls", polls)
+                ),
+                "unsigned no-op (GET /agent/v1/ping)": drive(
+                    port, args.clients, args.seconds, fixed("/agent/v1/ping")
+                ),
+                "unsigned health (GET /api/v1/health)": drive(
+                    port, args.clients, args.seconds, fixed("/api/v1/health")
+                ),
+            }
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+            embedded.stop(redis_child, settings)
+
+    print(
+        f"\n{args.clients} client connections, gunicorn {args.web_workers} workers x "
+        f"{args.web_threads} threads, SQLite + embedded Redis, {os.cpu_count()} CPUs shared "
+        "by clients and server"
+    )
+    rates = {}
+    for name, (ok, failed, elapsed) in results.items():
+        rates[name] = ok / elapsed
+        note = f" ({failed} refused!)" if failed else ""
+        print(f"{name:48} {rates[name]:8.0f} req/s  ({ok} in {elapsed:.1f} s){note}")
+    names = list(rates)
+    for signed_name in names[:2]:
+        for unsigned_name in names[2:]:
+            ratio = rates[signed_name] / rates[unsigned_name]
+            print(f"{signed_name.split(' (')[0]} / {unsigned_name.split(' (')[0]}: {ratio:.2f}")
+    if exhausted:
+        print(f"note: ran out of pre-signed {set(exhausted)}; raise --rate-guess / --agents")
+
+
+if __name__ == "__main__":
+    main()

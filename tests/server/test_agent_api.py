@@ -1,0 +1,627 @@
+"""Agent protocol v1 through the Flask app, with real CSRs and real request signatures."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import importlib.util
+import json
+import shlex
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import select
+
+from chef_bridge.auth import format_time, sign_request
+from server import pki
+from server.api.agent import MAX_WAIT_SECONDS, parse_wait, wake
+from server.db import get_database
+from server.enrollment import get_ca, revoke_instance_certificates
+from server.errors import Invalid
+from server.models import (
+    Command,
+    EnrollmentToken,
+    Event,
+    Instance,
+    InstanceCertificate,
+    InstanceState,
+)
+from tests.conftest import Api
+
+HEARTBEAT = "/agent/v1/heartbeat"
+FACTS = {"hostname": "node-a", "os": "debian", "architecture": "x86_64", "private_ip": "10.1.2.3"}
+
+
+@functools.cache
+def rsa_key(n: int, bits: int = 2048) -> bytes:
+    """A few RSA keys shared by every test (generating them is the slow part)."""
+    return pki.generate_private_key_pem(bits)
+
+
+@functools.cache
+def agent_module() -> ModuleType:
+    path = Path(__file__).resolve().parents[2] / "bootstrap" / "agent.py"
+    spec = importlib.util.spec_from_file_location("scalarium_agent_under_test", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # Dataclasses look their module up in sys.modules while the class is being built.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclass
+class Node:
+    """One simulated node: its instance, its key, and the test client it talks through."""
+
+    client: FlaskClient
+    instance_id: str
+    key: bytes
+
+    def signed(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        *,
+        send_body: bytes | None = None,
+        key: bytes | None = None,
+        user_id: str | None = None,
+        timestamp: str | None = None,
+        version: str = "1.3",
+        headers: dict[str, str] | None = None,
+    ) -> Any:
+        """Send a request signed as this node (every part overridable for hostile cases)."""
+        signature = headers or sign_request(
+            key or self.key,
+            user_id or self.instance_id,
+            method,
+            path.split("?", 1)[0],
+            body,
+            timestamp=timestamp,
+            version=version,
+            server_api_version="1",
+        )
+        return self.client.open(
+            path,
+            method=method,
+            data=body if send_body is None else send_body,
+            headers={**signature, "Content-Type": "application/json"},
+        )
+
+    def heartbeat(self, payload: dict[str, Any] | None = None, **kw: Any) -> Any:
+        """A signed heartbeat."""
+        body = json.dumps(payload or {"agent_version": "1.0.0", "load": [0.1, 0.2, 0.3]}).encode()
+        return self.signed("POST", HEARTBEAT, body, **kw)
+
+
+@pytest.fixture
+def stack(admin: Api) -> dict[str, Any]:
+    stack: dict[str, Any] = admin.ok("POST", "/stacks", {"shortname": "prod"})
+    layer = admin.ok("POST", f"/stacks/{stack['id']}/layers", {"shortname": "web"})
+    stack["layer_id"] = layer["id"]
+    return stack
+
+
+def new_instance(admin: Api, stack: dict[str, Any], hostname: str) -> str:
+    created = admin.ok(
+        "POST",
+        f"/stacks/{stack['id']}/instances",
+        {"hostname": hostname, "layer_ids": [stack["layer_id"]]},
+    )
+    return str(created["id"])
+
+
+def user_data_token(admin: Api, instance_id: str) -> str:
+    script = admin.ok("GET", f"/instances/{instance_id}/user-data")["user_data"]
+    words = shlex.split(script.splitlines()[-1])
+    return words[words.index("--token") + 1]
+
+
+def enroll_body(token: str, instance_id: str, key: bytes, **changes: Any) -> dict[str, Any]:
+    body = {
+        "token": token,
+        "csr": pki.build_csr_pem(key, instance_id).decode(),
+        "agent_version": "1.0.0",
+        "facts": FACTS,
+    }
+    body.update(changes)
+    return body
+
+
+@pytest.fixture
+def instance_id(admin: Api, stack: dict[str, Any]) -> str:
+    return new_instance(admin, stack, "web1")
+
+
+@pytest.fixture
+def node(app: Flask, admin: Api, instance_id: str) -> Node:
+    """An enrolled node."""
+    token = user_data_token(admin, instance_id)
+    client = app.test_client()
+    response = client.post("/agent/v1/enroll", json=enroll_body(token, instance_id, rsa_key(1)))
+    assert response.status_code == 201, response.get_json()
+    return Node(client, instance_id, rsa_key(1))
+
+
+# --- state snapshots: "nothing changed" and "an event was recorded" ---------------------------
+
+
+def snapshot(app: Flask) -> dict[str, Any]:
+    """Everything a refused request must leave alone."""
+    with get_database(app).session() as session:
+        return {
+            "instances": [
+                (i.id, i.status, i.os, i.agent_version, i.metrics, i.last_heartbeat_at)
+                for i in session.scalars(select(Instance).order_by(Instance.id))
+            ],
+            "certificates": [
+                (c.serial, c.revoked_at)
+                for c in session.scalars(
+                    select(InstanceCertificate).order_by(InstanceCertificate.serial)
+                )
+            ],
+            "tokens": [
+                (t.id, t.used_at, t.superseded_at)
+                for t in session.scalars(select(EnrollmentToken).order_by(EnrollmentToken.id))
+            ],
+        }
+
+
+def refusals(app: Flask, code: str) -> list[Event]:
+    with get_database(app).session() as session:
+        found = session.scalars(select(Event).where(Event.kind == "agent.refused")).all()
+        return [e for e in found if e.data.get("code") == code]
+
+
+def assert_refused(
+    app: Flask, send: Callable[[], Any], status: int, code: str, instance_id: str | None
+) -> None:
+    """Send once: the answer has this status and code, nothing changed, one event recorded."""
+    before, events_before = snapshot(app), len(refusals(app, code))
+    response = send()
+    payload = response.get_json()
+    assert response.status_code == status, payload
+    assert payload["error"]["code"] == code, payload
+    assert snapshot(app) == before
+    found = refusals(app, code)
+    assert len(found) == events_before + 1
+    assert found[-1].instance_id == instance_id
+
+
+# --- the whole flow ---------------------------------------------------------------------------
+
+
+def test_node_enrolls_heartbeats_into_running_setup_and_polls(
+    app: Flask, admin: Api, instance_id: str
+) -> None:
+    token = user_data_token(admin, instance_id)
+    client = app.test_client()
+    found = client.post("/agent/v1/enroll/lookup", json={"token": token})
+    assert found.status_code == 200 and found.get_json() == {"instance_id": instance_id}
+
+    response = client.post("/agent/v1/enroll", json=enroll_body(token, instance_id, rsa_key(1)))
+    assert response.status_code == 201, response.get_json()
+    answer = response.get_json()
+    assert answer["instance_id"] == instance_id
+    assert answer["ca_certificate"] == client.get("/bootstrap/v1/ca.pem").get_data(as_text=True)
+    assert answer["settings"]["server_url"] == app.config["SCALARIUM"].public_url
+    assert answer["settings"]["chef_binary"] == "cinc-solo"
+    verified = pki.verify_instance_certificate(get_ca(app), answer["certificate"].encode())
+    assert verified.instance_id == instance_id
+    shown = admin.ok("GET", f"/instances/{instance_id}")
+    assert shown["status"] == InstanceState.BOOTING
+    assert (shown["os"], shown["architecture"], shown["private_ip"]) == (
+        "debian",
+        "x86_64",
+        "10.1.2.3",
+    )
+    assert shown["agent_version"] == "1.0.0" and shown["hostname"] == "web1"
+
+    node = Node(client, instance_id, rsa_key(1))
+    first = node.heartbeat({"agent_version": "1.0.1", "load": [1.0, 0.5, 0.2], "disk": None})
+    assert first.status_code == 200, first.get_json()
+    assert first.get_json()["status"] == InstanceState.RUNNING_SETUP
+    shown = admin.ok("GET", f"/instances/{instance_id}")
+    assert shown["status"] == InstanceState.RUNNING_SETUP
+    assert shown["agent_version"] == "1.0.1" and shown["last_heartbeat_at"]
+    assert node.heartbeat().status_code == 200
+    with get_database(app).session() as session:
+        row = session.get(Instance, instance_id)
+        assert row is not None and row.metrics == {"load": [0.1, 0.2, 0.3]}
+        kinds = [e.kind for e in session.scalars(select(Event).order_by(Event.id))]
+    assert kinds.count("instance.running_setup") == 1
+    assert kinds.index("instance.enrolled") < kinds.index("instance.running_setup")
+
+    polled = node.signed("GET", "/agent/v1/commands?wait=0")
+    assert polled.status_code == 200 and polled.get_json() == {"commands": []}
+
+
+def test_enrolled_certificate_carries_the_node_key(app: Flask, node: Node) -> None:
+    with get_database(app).session() as session:
+        (row,) = session.scalars(select(InstanceCertificate)).all()
+    certificate = x509.load_pem_x509_certificate(row.pem.encode())
+    key = serialization.load_pem_private_key(node.key, password=None)
+    assert certificate.public_key().public_numbers() == key.public_key().public_numbers()  # type: ignore[union-attr]
+    assert (
+        certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == node.instance_id
+    )
+    assert row.fingerprint == certificate.fingerprint(hashes.SHA256()).hex()
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.1", "1.3"])
+def test_every_chef_signing_version_is_accepted(node: Node, version: str) -> None:
+    response = node.heartbeat(version=version)
+    assert response.status_code == 200, response.get_json()
+
+
+def test_re_enrollment_revokes_the_old_certificate(app: Flask, admin: Api, node: Node) -> None:
+    token = user_data_token(admin, node.instance_id)
+    response = node.client.post(
+        "/agent/v1/enroll", json=enroll_body(token, node.instance_id, rsa_key(2))
+    )
+    assert response.status_code == 201
+    with get_database(app).session() as session:
+        rows = session.scalars(
+            select(InstanceCertificate).order_by(InstanceCertificate.created_at)
+        ).all()
+    assert [r.revoke_reason for r in rows] == ["re_enrolled", None]
+    # The old key no longer authenticates; the new one does.
+    assert_refused(app, node.heartbeat, 401, "bad_signature", node.instance_id)
+    assert node.heartbeat(key=rsa_key(2)).status_code == 200
+
+
+def test_agents_own_openssl_signer_is_accepted(node: Node, tmp_path: Path) -> None:
+    agent = agent_module()
+    key_path = tmp_path / "agent-key.pem"
+    key_path.write_bytes(node.key)
+    body = json.dumps({"agent_version": agent.AGENT_VERSION}).encode()
+    for method, path, payload in (
+        ("POST", HEARTBEAT, body),
+        ("GET", "/agent/v1/commands?wait=0", b""),
+    ):
+        headers = agent.signed_headers(
+            str(key_path), method, path.split("?")[0], payload, node.instance_id, time.time()
+        )
+        response = node.client.open(
+            path,
+            method=method,
+            data=payload,
+            headers={**headers, "Content-Type": "application/json"},
+        )
+        assert response.status_code == 200, response.get_json()
+
+
+def test_ping_needs_no_signature(app: Flask) -> None:
+    response = app.test_client().get("/agent/v1/ping")
+    assert response.status_code == 200 and response.get_json() == {"ok": True}
+
+
+# --- bad enrollments --------------------------------------------------------------------------
+
+
+def tamper_signature(csr_pem: bytes) -> bytes:
+    der = bytearray(x509.load_pem_x509_csr(csr_pem).public_bytes(serialization.Encoding.DER))
+    der[-1] ^= 0x01  # the last byte belongs to the signature
+    encoded = base64.encodebytes(bytes(der)).decode().replace("\n", "")
+    lines = [encoded[i : i + 64] for i in range(0, len(encoded), 64)]
+    return (
+        "-----BEGIN CERTIFICATE REQUEST-----\n"
+        + "\n".join(lines)
+        + "\n-----END CERTIFICATE REQUEST-----\n"
+    ).encode()
+
+
+def csr_asking_for_ca(key_pem: bytes, common_name: str) -> bytes:
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def expire_tokens(app: Flask, instance_id: str) -> None:
+    with get_database(app).session() as session:
+        for row in session.scalars(
+            select(EnrollmentToken).where(EnrollmentToken.instance_id == instance_id)
+        ):
+            row.expires_at = datetime.now(UTC) - timedelta(seconds=1)
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "code"),
+    [
+        ("reused token", 401, "token_reused"),
+        ("expired token", 401, "token_expired"),
+        ("superseded token", 401, "token_superseded"),
+        ("unknown token", 401, "invalid_token"),
+        ("another instance's token", 403, "token_wrong_instance"),
+        ("terminated instance", 403, "instance_terminated"),
+        ("CSR subject is another name", 400, "csr_subject_mismatch"),
+        ("CSR subject is the other instance", 400, "csr_subject_mismatch"),
+        ("CSR with a bad signature", 400, "csr_bad_signature"),
+        ("RSA key under 2048 bits", 400, "csr_key_too_small"),
+        ("CSR asking for CA rights", 400, "csr_requests_ca"),
+        ("garbage PEM", 400, "csr_malformed"),
+        ("oversized PEM", 400, "csr_too_large"),
+        ("malformed facts", 400, "invalid_facts"),
+    ],
+)
+def test_bad_enrollment_is_refused_with_its_code_changes_nothing_and_is_recorded(
+    app: Flask,
+    admin: Api,
+    stack: dict[str, Any],
+    instance_id: str,
+    case: str,
+    status: int,
+    code: str,
+) -> None:
+    other_id = new_instance(admin, stack, "web2")
+    token = user_data_token(admin, instance_id)
+    key = rsa_key(1)
+    body = enroll_body(token, instance_id, key)
+    expected_instance: str | None = instance_id
+    client = app.test_client()
+    if case == "reused token":
+        assert client.post("/agent/v1/enroll", json=body).status_code == 201
+        body = enroll_body(token, instance_id, rsa_key(2))
+    elif case == "expired token":
+        expire_tokens(app, instance_id)
+    elif case == "superseded token":
+        user_data_token(admin, instance_id)
+    elif case == "unknown token":
+        body["token"] = "sce_" + "A" * 43
+        expected_instance = None
+    elif case == "another instance's token":
+        body["instance_id"] = other_id
+    elif case == "terminated instance":
+        with get_database(app).session() as session:
+            row = session.get(Instance, instance_id)
+            assert row is not None
+            row.status = InstanceState.TERMINATED
+    elif case == "CSR subject is another name":
+        body["csr"] = pki.build_csr_pem(key, "someone-else").decode()
+    elif case == "CSR subject is the other instance":
+        body["csr"] = pki.build_csr_pem(key, other_id).decode()
+    elif case == "CSR with a bad signature":
+        body["csr"] = tamper_signature(body["csr"].encode()).decode()
+    elif case == "RSA key under 2048 bits":
+        body["csr"] = pki.build_csr_pem(rsa_key(9, 1024), instance_id).decode()
+    elif case == "CSR asking for CA rights":
+        body["csr"] = csr_asking_for_ca(key, instance_id).decode()
+    elif case == "garbage PEM":
+        body["csr"] = "-----BEGIN CERTIFICATE REQUEST-----\nnot base64 at all\n-----END"
+    elif case == "oversized PEM":
+        body["csr"] = body["csr"] + "A" * 20_000
+    elif case == "malformed facts":
+        body["facts"] = {"private_ip": "999.1.1.1"}
+    assert_refused(
+        app,
+        lambda: client.post("/agent/v1/enroll", json=body),
+        status,
+        code,
+        expected_instance,
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"token": "sce_" + "B" * 43}, "invalid_token"),
+        ({"token": 5}, "invalid_token"),
+        ({}, "invalid_token"),
+        ([], "invalid_body"),
+    ],
+)
+def test_bad_lookup_is_refused_and_recorded(app: Flask, body: Any, code: str) -> None:
+    status = 401 if body and isinstance(body, dict) and isinstance(body["token"], str) else 400
+    assert_refused(
+        app,
+        lambda: app.test_client().post("/agent/v1/enroll/lookup", json=body),
+        status,
+        code,
+        None,
+    )
+
+
+def test_lookup_does_not_spend_the_token(app: Flask, admin: Api, instance_id: str) -> None:
+    token = user_data_token(admin, instance_id)
+    client = app.test_client()
+    for _ in range(2):
+        assert client.post("/agent/v1/enroll/lookup", json={"token": token}).status_code == 200
+    response = client.post("/agent/v1/enroll", json=enroll_body(token, instance_id, rsa_key(1)))
+    assert response.status_code == 201
+
+
+# --- bad signed requests ----------------------------------------------------------------------
+
+
+def revoke(app: Flask, instance_id: str) -> None:
+    with get_database(app).session() as session:
+        revoke_instance_certificates(session, instance_id, "terminated")
+
+
+def set_instance(app: Flask, instance_id: str, **values: Any) -> None:
+    with get_database(app).session() as session:
+        row = session.get(Instance, instance_id)
+        assert row is not None
+        for name, value in values.items():
+            setattr(row, name, value)
+
+
+def expire_certificates(app: Flask, instance_id: str) -> None:
+    with get_database(app).session() as session:
+        for row in session.scalars(select(InstanceCertificate)):
+            row.not_after = datetime.now(UTC) - timedelta(seconds=1)
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "code", "known"),
+    [
+        ("forged signature", 401, "bad_signature", True),
+        ("body not matching the content hash", 401, "content_hash_mismatch", True),
+        ("timestamp too old", 401, "timestamp_skew", True),
+        ("timestamp in the future", 401, "timestamp_skew", True),
+        ("replayed request", 401, "replayed_request", True),
+        ("revoked certificate", 403, "certificate_revoked", True),
+        ("expired certificate", 401, "certificate_expired", True),
+        ("unknown instance", 401, "unknown_instance", False),
+        ("terminated instance", 403, "instance_terminated", True),
+        ("no signature at all", 401, "missing_header", False),
+    ],
+)
+def test_bad_signed_request_is_refused_with_its_code_changes_nothing_and_is_recorded(
+    app: Flask, node: Node, case: str, status: int, code: str, known: bool
+) -> None:
+    # One good heartbeat first, so that "nothing changed" covers a running instance.
+    assert node.heartbeat().status_code == 200
+    body = json.dumps({"agent_version": "9.9.9", "load": [9, 9, 9]}).encode()
+    send: Callable[[], Any] = lambda: node.heartbeat(json.loads(body))  # noqa: E731
+    if case == "forged signature":
+        send = lambda: node.signed("POST", HEARTBEAT, body, key=rsa_key(3))  # noqa: E731
+    elif case == "body not matching the content hash":
+        tampered = body.replace(b"9.9.9", b"6.6.6")
+        send = lambda: node.signed("POST", HEARTBEAT, body, send_body=tampered)  # noqa: E731
+    elif case == "timestamp too old":
+        stale = format_time(datetime.now(UTC) - timedelta(minutes=16))
+        send = lambda: node.signed("POST", HEARTBEAT, body, timestamp=stale)  # noqa: E731
+    elif case == "timestamp in the future":
+        ahead = format_time(datetime.now(UTC) + timedelta(minutes=16))
+        send = lambda: node.signed("POST", HEARTBEAT, body, timestamp=ahead)  # noqa: E731
+    elif case == "replayed request":
+        headers = sign_request(node.key, node.instance_id, "POST", HEARTBEAT, body)
+        assert node.signed("POST", HEARTBEAT, body, headers=headers).status_code == 200
+        send = lambda: node.signed("POST", HEARTBEAT, body, headers=headers)  # noqa: E731
+    elif case == "revoked certificate":
+        revoke(app, node.instance_id)
+    elif case == "expired certificate":
+        expire_certificates(app, node.instance_id)
+    elif case == "unknown instance":
+        send = lambda: node.signed(  # noqa: E731
+            "POST", HEARTBEAT, body, user_id="00000000-0000-0000-0000-000000000000"
+        )
+    elif case == "terminated instance":
+        set_instance(app, node.instance_id, status=InstanceState.TERMINATED.value)
+    elif case == "no signature at all":
+        send = lambda: node.client.post(HEARTBEAT, data=body)  # noqa: E731
+    assert_refused(app, send, status, code, node.instance_id if known else None)
+
+
+def test_revoked_and_terminated_answers_tell_the_agent_to_stop(app: Flask, node: Node) -> None:
+    agent = agent_module()
+    revoke(app, node.instance_id)
+    response = node.heartbeat()
+    error = agent.error_from_response(response.status_code, response.data)
+    assert isinstance(error, agent.AgentRetired)
+
+
+def test_signed_long_poll_is_refused_before_it_waits(app: Flask, node: Node) -> None:
+    started = time.monotonic()
+    response = node.signed("GET", "/agent/v1/commands?wait=5", key=rsa_key(3))
+    assert response.status_code == 401 and time.monotonic() - started < 2
+
+
+# --- the long poll ----------------------------------------------------------------------------
+
+
+def queue_command(app: Flask, instance_id: str, kind: str = "setup") -> str:
+    with get_database(app).session() as session:
+        command = Command(instance_id=instance_id, type=kind, timeout_seconds=900)
+        session.add(command)
+        session.flush()
+        return command.id
+
+
+def test_poll_returns_queued_commands_at_once(app: Flask, node: Node) -> None:
+    first = queue_command(app, node.instance_id)
+    second = queue_command(app, node.instance_id, "configure")
+    started = time.monotonic()
+    response = node.signed("GET", "/agent/v1/commands?wait=30")
+    assert time.monotonic() - started < 2
+    commands = response.get_json()["commands"]
+    assert [c["id"] for c in commands] == [first, second]
+    assert commands[0] == {
+        "id": first,
+        "type": "setup",
+        "deployment_id": None,
+        "node_json_url": f"/agent/v1/commands/{first}/node.json",
+        "bundle_url": None,
+        "bundle_sha256": None,
+        "timeout": 900,
+        "args": {},
+    }
+
+
+def test_poll_returns_nothing_after_the_wait(node: Node) -> None:
+    started = time.monotonic()
+    response = node.signed("GET", "/agent/v1/commands?wait=1")
+    took = time.monotonic() - started
+    assert response.status_code == 200 and response.get_json() == {"commands": []}
+    assert 0.9 <= took < 3
+
+
+def test_poll_ends_early_when_woken_from_another_thread(app: Flask, node: Node) -> None:
+    connection = app.extensions["scalarium.redis"]
+    keys = app.extensions["scalarium.keys"]
+    queued: list[str] = []
+
+    def later() -> None:
+        time.sleep(0.5)
+        queued.append(queue_command(app, node.instance_id))
+        wake(connection, node.instance_id, keys)
+
+    thread = threading.Thread(target=later)
+    started = time.monotonic()
+    thread.start()
+    response = node.signed("GET", "/agent/v1/commands?wait=20")
+    took = time.monotonic() - started
+    thread.join()
+    assert response.status_code == 200
+    assert [c["id"] for c in response.get_json()["commands"]] == queued
+    assert 0.4 <= took < 5
+
+
+def test_a_stale_wake_up_does_not_cut_the_next_poll_short(app: Flask, node: Node) -> None:
+    wake(app.extensions["scalarium.redis"], node.instance_id, app.extensions["scalarium.keys"])
+    started = time.monotonic()
+    assert node.signed("GET", "/agent/v1/commands?wait=1").get_json() == {"commands": []}
+    assert time.monotonic() - started >= 0.9
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [(None, 0), ("", 0), ("0", 0), ("25", 25), ("60", 60), ("3600", MAX_WAIT_SECONDS)],
+)
+def test_wait_is_capped(raw: str | None, expected: int) -> None:
+    assert parse_wait(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["-1", "1.5", "soon", "9" * 20])
+def test_bad_wait_is_refused(raw: str) -> None:
+    with pytest.raises(Invalid):
+        parse_wait(raw)
+
+
+def test_oversized_heartbeat_is_refused_without_storing_it(app: Flask, node: Node) -> None:
+    response = node.heartbeat({"junk": "x" * 20_000})
+    assert response.status_code == 400
+    assert response.get_json()["error"]["code"] == "metrics_too_large"
+    with get_database(app).session() as session:
+        row = session.get(Instance, node.instance_id)
+        assert row is not None and row.last_heartbeat_at is None
