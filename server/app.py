@@ -59,7 +59,16 @@ def create_app(config: Settings | None = None) -> Flask:
     app.register_blueprint(v1.blueprint)
     agent.init_app(app)
     bootstrap.init_app(app)
+    _install_orchestrator_hooks(app)
     return app
+
+
+def _install_orchestrator_hooks(app: Flask) -> None:
+    from server import orchestrator, runtime
+
+    orchestrator.install_hooks(
+        runtime.hooks_for(queue.get_redis(app), app.extensions["scalarium.keys"])
+    )
 
 
 def _register_errors(app: Flask) -> None:

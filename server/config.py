@@ -28,6 +28,7 @@ ENVIRONMENT = {
     "SCALARIUM_ENROLL_TOKEN_TTL": "enroll_token_ttl",
     "SCALARIUM_CERT_LIFETIME_DAYS": "cert_lifetime_days",
     "SCALARIUM_CHEF_INSTALL": "chef_install",
+    "SCALARIUM_HEARTBEAT_LIMIT": "heartbeat_limit",
 }
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -62,6 +63,8 @@ class Settings:
     # at the stack's pinned version), cinc, chef, cinc:VERSION, chef:VERSION, skip,
     # url:URL#sha256=HEX.
     chef_install: str = "auto"
+    # Seconds without a heartbeat before an online instance is `connection_lost`.
+    heartbeat_limit: int = 300
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -112,6 +115,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
         "event_retention_days",
         "enroll_token_ttl",
         "cert_lifetime_days",
+        "heartbeat_limit",
     ):
         if attribute in values:
             values[attribute] = int(values[attribute])

@@ -36,6 +36,7 @@ from server.models import (
     Instance,
     InstanceCertificate,
     InstanceState,
+    Provider,
     Stack,
 )
 
@@ -334,8 +335,18 @@ def issue_user_data(
         session, instance.id, settings.enroll_token_ttl, moment
     )
     previous = instance.status
-    if instance.status in PENDING_FROM:
-        instance.status = InstanceState.PENDING.value
+    if instance.status in PENDING_FROM and instance.provider == Provider.MANUAL:
+        # For a manual instance, asking for its user-data is how it is started.
+        from server import orchestrator
+        from server.lifecycle import Trigger
+
+        orchestrator.instance_trigger(
+            session,
+            instance,
+            Trigger.START_REQUESTED,
+            actor=actor or "scalarium",
+            reason="user-data issued",
+        )
     events.record(
         session,
         "instance.user_data",
@@ -484,9 +495,19 @@ def enroll(
         )
     )
     previous = instance.status
-    instance.status = InstanceState.BOOTING.value
     for name, value in values.items():
         setattr(instance, name, value)
+    if instance.status == InstanceState.PENDING:
+        from server import orchestrator
+        from server.lifecycle import Trigger
+
+        orchestrator.instance_trigger(
+            session,
+            instance,
+            Trigger.ENROLLED,
+            actor=f"instance:{instance.id}",
+            reason=f"certificate {issued.serial_hex}",
+        )
     events.record(
         session,
         "instance.enrolled",

@@ -28,3 +28,7 @@ class Keys:
     def seen_signature(self, signature_id: str) -> str:
         """Set once per accepted signed request, until its timestamp leaves the skew window."""
         return f"{self.prefix}:agent:sig:{signature_id}"
+
+    def fanout_pending(self, stack_id: str) -> str:
+        """Set while a configure fan-out job for the stack waits in the queue."""
+        return f"{self.prefix}:fanout:pending:{stack_id}"

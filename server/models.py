@@ -160,6 +160,11 @@ class Stack(Base):
     custom_cookbooks_source: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     custom_json: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     cluster_version: Mapped[int] = mapped_column(Integer, default=0)
+    # The cluster version the last configure fan-out planned for; behind means a fan-out is due.
+    fanout_version: Mapped[int] = mapped_column(Integer, default=0)
+    # The cookbook bundle commands of this stack use (content address), when one was built.
+    bundle_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    bundle_built_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import redis
 
 from server import queue
 from server.config import Settings, load_settings
 from server.db import Database
+from server.keys import Keys
+
+# A pending fan-out marker outlives a lost job by at most this long; the reconciler repairs.
+FANOUT_PENDING_TTL = 60
 
 
 @functools.cache
@@ -34,3 +39,42 @@ def reset() -> None:
     settings.cache_clear()
     database.cache_clear()
     redis_connection.cache_clear()
+    keys.cache_clear()
+
+
+@functools.cache
+def keys() -> Keys:
+    """This process's Redis key templates."""
+    return Keys(settings().queue_prefix)
+
+
+def enqueue_fanout(connection: redis.Redis, keyset: Keys, stack_id: str) -> None:
+    """Enqueue one configure fan-out for a stack unless one is already waiting to run."""
+    from server import jobs
+    from server.queue import enqueue
+
+    # One pending fan-out per stack: changes that arrive before it runs ride along with it.
+    if connection.set(keyset.fanout_pending(stack_id), "1", nx=True, ex=FANOUT_PENDING_TTL):
+        enqueue(connection, jobs.fanout_configure, stack_id)
+
+
+def hooks_for(connection: redis.Redis, keyset: Keys) -> Any:
+    """Orchestrator hooks that reach agents, the queue and providers through this Redis."""
+    from server import jobs, orchestrator
+    from server.api.agent import wake
+    from server.queue import enqueue
+
+    return orchestrator.Hooks(
+        wake=lambda instance_id: wake(connection, instance_id, keyset),
+        enqueue_fanout=lambda stack_id: enqueue_fanout(connection, keyset, stack_id),
+        machine_action=lambda instance_id, action: enqueue(
+            connection, jobs.provider_action, instance_id, action
+        ),
+    )
+
+
+def install_orchestrator_hooks() -> None:
+    """Connect the orchestrator to this process's Redis (for workers and the scheduler)."""
+    from server import orchestrator
+
+    orchestrator.install_hooks(hooks_for(redis_connection(), keys()))

@@ -28,7 +28,12 @@ class Periodic:
     interval: int
 
 
-PERIODIC = (Periodic("prune_events", jobs.prune_events, 3600),)
+PERIODIC = (
+    Periodic("check_commands", jobs.check_commands, 15),
+    Periodic("check_heartbeats", jobs.check_heartbeats, 30),
+    Periodic("reconcile", jobs.reconcile, 30),
+    Periodic("prune_events", jobs.prune_events, 3600),
+)
 
 
 def slot_of(now: float, interval: int) -> int:

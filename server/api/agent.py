@@ -16,9 +16,9 @@ from typing import Any
 
 import redis
 from flask import Blueprint, Flask, current_app, g, jsonify, request
-from sqlalchemy import select, update
+from sqlalchemy import update
 
-from server import db, events
+from server import db, orchestrator
 from server.agent_auth import (
     AgentIdentity,
     AgentRefused,
@@ -34,11 +34,11 @@ from server.enrollment import (
     get_ca,
     get_ca_pem,
     lookup,
-    rows_changed,
 )
-from server.errors import Invalid, ScalariumError, Unavailable
+from server.errors import Conflict, Invalid, NotFound, ScalariumError, Unavailable
 from server.keys import Keys
-from server.models import Command, CommandStatus, Instance, InstanceState
+from server.lifecycle import CommandTrigger, Trigger
+from server.models import Command, CommandType, Instance, InstanceState, Stack
 from server.queue import get_redis
 
 log = logging.getLogger(__name__)
@@ -237,29 +237,39 @@ def heartbeat(agent: AgentIdentity) -> Any:
     if agent_version is not None:
         values["agent_version"] = agent_version
     session.execute(update(Instance).where(Instance.id == agent.instance_id).values(**values))
-    status = agent.status
-    if status != InstanceState.BOOTING.value:
-        return jsonify({"ok": True, "status": status})
-    # Conditional, so that two servers handling two first heartbeats move it only once.
-    moved = rows_changed(
-        session.execute(
-            update(Instance)
-            .where(Instance.id == agent.instance_id, Instance.status == InstanceState.BOOTING.value)
-            .values(status=InstanceState.RUNNING_SETUP.value)
-        )
-    )
-    if moved:
-        status = InstanceState.RUNNING_SETUP.value
-        events.record(
+    instance = lock_instance(session, agent.instance_id)
+    trigger = _CONNECT_TRIGGERS.get(instance.status)
+    if trigger is not None:
+        orchestrator.instance_trigger(
             session,
-            "instance.running_setup",
-            f"instance {agent.instance_id}: first heartbeat; running setup",
-            stack_id=agent.stack_id,
-            instance_id=agent.instance_id,
-            data={"status": {"from": InstanceState.BOOTING.value, "to": status}},
+            instance,
+            trigger,
             actor=f"instance:{agent.instance_id}",
+            reason="agent connected",
         )
-    return jsonify({"ok": True, "status": status})
+    return jsonify({"ok": True, "status": instance.status})
+
+
+# A signed request from a node that is not yet (or no longer) in service moves it on.
+_CONNECT_TRIGGERS = {
+    InstanceState.PENDING.value: Trigger.AGENT_CONNECTED,
+    InstanceState.BOOTING.value: Trigger.AGENT_CONNECTED,
+    InstanceState.CONNECTION_LOST.value: Trigger.HEARTBEAT_RESUMED,
+}
+
+
+def lock_instance(session: Any, instance_id: str) -> Instance:
+    """The instance row, locked for this transaction (a no-op write: SQLite and PostgreSQL)."""
+    session.execute(
+        update(Instance)
+        .where(Instance.id == instance_id)
+        .values(status=Instance.status)
+        .execution_options(synchronize_session=False)
+    )
+    instance = session.get(Instance, instance_id, populate_existing=True)
+    if instance is None:
+        raise NotFound("no such instance", code="instance_not_found")
+    return instance
 
 
 def parse_wait(raw: str | None) -> int:
@@ -275,29 +285,32 @@ def parse_wait(raw: str | None) -> int:
     return min(int(raw), MAX_WAIT_SECONDS)
 
 
-def command_document(command: Command) -> dict[str, Any]:
+def command_document(command: Command, bundle_sha256: str | None) -> dict[str, Any]:
     """A queued command as the agent receives it."""
+    prefix = blueprint.url_prefix
     return {
         "id": command.id,
         "type": command.type,
         "deployment_id": command.deployment_id,
-        "node_json_url": f"{blueprint.url_prefix}/commands/{command.id}/node.json",
-        "bundle_url": None,
-        "bundle_sha256": None,
+        "cluster_version": command.cluster_version,
+        "node_json_url": f"{prefix}/commands/{command.id}/node.json",
+        "bundle_url": f"{prefix}/bundles/{bundle_sha256}.tar.gz" if bundle_sha256 else None,
+        "bundle_sha256": bundle_sha256,
         "timeout": command.timeout_seconds,
         "args": command.args or {},
     }
 
 
 def queued_commands(instance_id: str) -> list[dict[str, Any]]:
-    """The instance's queued commands, oldest first (ends the read transaction)."""
+    """The next command the instance should run, if any (ends the transaction)."""
     session = db.session()
-    rows = session.scalars(
-        select(Command)
-        .where(Command.instance_id == instance_id, Command.status == CommandStatus.QUEUED.value)
-        .order_by(Command.created_at, Command.id)
-    ).all()
-    found = [command_document(row) for row in rows]
+    instance = session.get(Instance, instance_id)
+    found: list[dict[str, Any]] = []
+    if instance is not None:
+        command = orchestrator.next_command(session, instance)
+        if command is not None:
+            stack = session.get(Stack, instance.stack_id)
+            found.append(command_document(command, stack.bundle_sha256 if stack else None))
     # Never hold a transaction (or, on SQLite, a read snapshot) through the wait.
     session.commit()
     return found
@@ -322,3 +335,168 @@ def commands(agent: AgentIdentity) -> Any:
             f"wake-ups unavailable: {type(exc).__name__}", code="redis_unavailable"
         ) from None
     return jsonify({"commands": found})
+
+
+# --- command progress -------------------------------------------------------------------------
+
+
+def _own_command(session: Any, agent: AgentIdentity, command_id: str) -> Command:
+    command = session.get(Command, command_id)
+    if command is None or command.instance_id != agent.instance_id:
+        raise NotFound(
+            "no such command for this instance",
+            code="command_not_found",
+            details={"id": command_id},
+        )
+    return command
+
+
+def _refusal(exc: orchestrator.CommandRefused) -> Conflict:
+    return Conflict(f"the command is {exc.status}", code=exc.code, details={"status": exc.status})
+
+
+@blueprint.get("/commands/<command_id>/node.json")
+@signed
+def node_json(agent: AgentIdentity, command_id: str) -> Any:
+    """The node JSON of one command: attributes, run list and the cluster picture."""
+    from chef_bridge import node_json as nj
+    from server.cluster import cluster_input
+
+    session = db.session()
+    command = _own_command(session, agent, command_id)
+    vault = current_app.extensions["scalarium.vault"]
+    cluster = cluster_input(session, agent.stack_id, vault)
+    view = nj.build_cluster(cluster)
+    deployment = command.deployment
+    event = command.type
+    extra: list[str] | None = None
+    if command.type == CommandType.SETUP:
+        # Setup ends with a deploy of every app of the instance's layers (DESIGN.md).
+        instance = view.instance_by_id[agent.instance_id]
+        extra = nj.run_list(view.layers, instance["layer_ids"], "deploy")
+    elif command.type == CommandType.EXECUTE_RECIPES:
+        extra = list((command.args or {}).get("recipes", []))
+    elif command.type == CommandType.UPDATE_CUSTOM_COOKBOOKS:
+        event = "update_custom_cookbooks"
+    document = nj.node_json(
+        view,
+        agent.instance_id,
+        event,
+        command_id=command.id,
+        deployment={
+            "id": deployment.id,
+            "command": deployment.command,
+            "custom_json": deployment.custom_json or {},
+            "app_ids": [deployment.app_id] if deployment.app_id else None,
+        }
+        if deployment is not None
+        else None,
+        sent_at=utcnow().isoformat().replace("+00:00", "Z"),
+        extra_recipes=extra,
+    )
+    document["scalarium"]["cluster_version"] = cluster["version"]
+    return current_app.response_class(nj.dumps(view, document), mimetype="application/json")
+
+
+@blueprint.get("/bundles/<sha256>.tar.gz")
+@signed
+def bundle(agent: AgentIdentity, sha256: str) -> Any:
+    """A cookbook bundle by its content address (immutable, so cacheable forever)."""
+    from flask import send_file
+
+    from server.bundles import bundle_path
+
+    path = bundle_path(current_app.config["SCALARIUM"], sha256)
+    if path is None:
+        raise NotFound("no such bundle", code="bundle_not_found", details={"sha256": sha256})
+    response = send_file(
+        path, mimetype="application/gzip", etag=sha256, conditional=True, max_age=365 * 24 * 3600
+    )
+    return response
+
+
+@blueprint.post("/commands/<command_id>/start")
+@signed
+def start_command(agent: AgentIdentity, command_id: str) -> Any:
+    """The agent starts running a command (a repeat is harmless; a finished one is refused)."""
+    session = db.session()
+    lock_instance(session, agent.instance_id)
+    command = _own_command(session, agent, command_id)
+    try:
+        orchestrator.command_started(session, command)
+    except orchestrator.CommandRefused as exc:
+        raise _refusal(exc) from None
+    return jsonify({"id": command.id, "status": command.status})
+
+
+@blueprint.post("/commands/<command_id>/log")
+@signed
+def append_command_log(agent: AgentIdentity, command_id: str) -> Any:
+    """A chunk of the chef log at a byte offset; resending a chunk stores it once."""
+    session = db.session()
+    body = _json_object(required=True)
+    offset, data = body.get("offset"), body.get("data")
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise Invalid("offset must be a non-negative integer", code="invalid_offset")
+    if not isinstance(data, str):
+        raise Invalid("data must be a string", code="invalid_log_data")
+    session.execute(
+        update(Command)
+        .where(Command.id == command_id)
+        .values(log_bytes=Command.log_bytes)
+        .execution_options(synchronize_session=False)
+    )
+    command = _own_command(session, agent, command_id)
+    session.refresh(command)
+    try:
+        next_offset = orchestrator.append_log(command, offset, data)
+    except ValueError:
+        raise Conflict(
+            "the log has a gap before this chunk",
+            code="log_offset_gap",
+            details={"offset": command.log_bytes},
+        ) from None
+    return jsonify({"offset": next_offset})
+
+
+_FINISH_STATUS = {
+    "successful": CommandTrigger.FINISHED_OK,
+    "failed": CommandTrigger.FINISHED_FAILED,
+}
+
+
+@blueprint.post("/commands/<command_id>/finish")
+@signed
+def finish_command(agent: AgentIdentity, command_id: str) -> Any:
+    """The agent's result for a command; the instance's lifecycle moves on from it."""
+    session = db.session()
+    body = _json_object(required=True)
+    status, exit_code = body.get("status"), body.get("exit_code")
+    duration, reason = body.get("duration"), body.get("reason")
+    if status not in _FINISH_STATUS:
+        raise Invalid("status must be successful or failed", code="invalid_status")
+    if exit_code is not None and (not isinstance(exit_code, int) or isinstance(exit_code, bool)):
+        raise Invalid("exit_code must be an integer or null", code="invalid_exit_code")
+    if duration is not None and (
+        not isinstance(duration, int | float) or isinstance(duration, bool) or duration < 0
+    ):
+        raise Invalid("duration must be a non-negative number", code="invalid_duration")
+    if reason is not None and (not isinstance(reason, str) or len(reason) > 1000):
+        raise Invalid("reason must be a string of at most 1000 characters", code="invalid_reason")
+    trigger = _FINISH_STATUS[status]
+    if status == "failed" and reason == "interrupted":
+        trigger = CommandTrigger.INTERRUPTED
+    lock_instance(session, agent.instance_id)
+    command = _own_command(session, agent, command_id)
+    try:
+        orchestrator.command_finished(
+            session,
+            command,
+            trigger,
+            exit_code=exit_code,
+            duration=float(duration) if duration is not None else None,
+            reason=reason,
+        )
+    except orchestrator.CommandRefused as exc:
+        raise _refusal(exc) from None
+    return jsonify({"id": command.id, "status": command.status})

@@ -191,3 +191,79 @@ def delete_instance(instance_id: str) -> dict[str, Any]:
     )
     session.delete(instance)
     return {"deleted": instance_id}
+
+
+_ACTIONS = {
+    "start": ("start_requested", "instance.start"),
+    "stop": ("stop_requested", "instance.stop"),
+    "setup": ("setup_requested", "instance.setup"),
+    "terminate": ("terminate_requested", "instance.terminate"),
+}
+
+
+def _lifecycle_action(instance_id: str, action: str) -> dict[str, Any]:
+    from server import orchestrator
+    from server.lifecycle import Trigger
+
+    session = db.session()
+    instance = owned(session, Instance, instance_id, "instance_not_found", Role.MANAGER)
+    trigger = Trigger(_ACTIONS[action][0])
+    orchestrator.instance_trigger(session, instance, trigger, actor=actor())
+    session.flush()
+    return serialize.instance(instance)
+
+
+@v1.route(
+    "/instances/<instance_id>/start",
+    "POST",
+    summary="Start an instance",
+    tag="instances",
+    response=INSTANCE,
+    status=200,
+    errors=(409,),
+)
+def start_instance(instance_id: str) -> dict[str, Any]:
+    """Start: the provider boots the machine (for `manual`, run the user-data on it)."""
+    return _lifecycle_action(instance_id, "start")
+
+
+@v1.route(
+    "/instances/<instance_id>/stop",
+    "POST",
+    summary="Stop an instance",
+    tag="instances",
+    response=INSTANCE,
+    status=200,
+    errors=(409,),
+)
+def stop_instance(instance_id: str) -> dict[str, Any]:
+    """Stop: run the shutdown recipes, then the provider stops the machine."""
+    return _lifecycle_action(instance_id, "stop")
+
+
+@v1.route(
+    "/instances/<instance_id>/setup",
+    "POST",
+    summary="Run setup again",
+    tag="instances",
+    response=INSTANCE,
+    status=200,
+    errors=(409,),
+)
+def setup_instance(instance_id: str) -> dict[str, Any]:
+    """Run setup again (after a failed setup, or to re-converge a server)."""
+    return _lifecycle_action(instance_id, "setup")
+
+
+@v1.route(
+    "/instances/<instance_id>/terminate",
+    "POST",
+    summary="Terminate an instance",
+    tag="instances",
+    response=INSTANCE,
+    status=200,
+    errors=(409,),
+)
+def terminate_instance(instance_id: str) -> dict[str, Any]:
+    """Terminate a stopped instance: the provider removes the machine."""
+    return _lifecycle_action(instance_id, "terminate")

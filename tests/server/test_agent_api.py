@@ -243,11 +243,22 @@ def test_node_enrolls_heartbeats_into_running_setup_and_polls(
         row = session.get(Instance, instance_id)
         assert row is not None and row.metrics == {"load": [0.1, 0.2, 0.3]}
         kinds = [e.kind for e in session.scalars(select(Event).order_by(Event.id))]
-    assert kinds.count("instance.running_setup") == 1
-    assert kinds.index("instance.enrolled") < kinds.index("instance.running_setup")
+        assert kinds.count("instance.enrolled") == 1
+        moves = [
+            (e.data["from"], e.data["to"])
+            for e in session.scalars(select(Event).order_by(Event.id))
+            if e.kind == "instance.state"
+        ]
+    assert moves == [
+        (InstanceState.REQUESTED, InstanceState.PENDING),
+        (InstanceState.PENDING, InstanceState.BOOTING),
+        (InstanceState.BOOTING, InstanceState.RUNNING_SETUP),
+    ]
 
+    # Setup is queued for the node as it connects: the first poll hands it over.
     polled = node.signed("GET", "/agent/v1/commands?wait=0")
-    assert polled.status_code == 200 and polled.get_json() == {"commands": []}
+    assert polled.status_code == 200
+    assert [c["type"] for c in polled.get_json()["commands"]] == ["setup"]
 
 
 def test_enrolled_certificate_carries_the_node_key(app: Flask, node: Node) -> None:
@@ -555,11 +566,14 @@ def test_poll_returns_queued_commands_at_once(app: Flask, node: Node) -> None:
     response = node.signed("GET", "/agent/v1/commands?wait=30")
     assert time.monotonic() - started < 2
     commands = response.get_json()["commands"]
-    assert [c["id"] for c in commands] == [first, second]
+    # One command at a time, oldest first; the configure waits its turn.
+    assert [c["id"] for c in commands] == [first]
+    assert second != first
     assert commands[0] == {
         "id": first,
         "type": "setup",
         "deployment_id": None,
+        "cluster_version": 0,
         "node_json_url": f"/agent/v1/commands/{first}/node.json",
         "bundle_url": None,
         "bundle_sha256": None,

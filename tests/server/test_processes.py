@@ -115,15 +115,26 @@ def test_scheduler_enqueues_each_periodic_slot_once_even_with_two_schedulers(
     redis_client: redis.Redis,
 ) -> None:
     keys = Keys("scalarium-test")
+    table = (schedule.Periodic("prune_events", prune_events, 3600),)
     now = 1_700_000_000.0
-    first = schedule.tick(redis_client, keys, now)
-    second = schedule.tick(redis_client, keys, now + 1)  # another scheduler, same slot
+    first = schedule.tick(redis_client, keys, now, table)
+    second = schedule.tick(redis_client, keys, now + 1, table)  # another scheduler, same slot
     assert first == [f"periodic-prune_events-{int(now // 3600)}"]
     assert second == []
     queued = Queue("default", connection=redis_client).job_ids
     assert queued == first
-    later = schedule.tick(redis_client, keys, now + 3600)
+    later = schedule.tick(redis_client, keys, now + 3600, table)
     assert later == [f"periodic-prune_events-{int(now // 3600) + 1}"]
+
+
+def test_the_periodic_table_enqueues_every_job_once_per_slot(redis_client: redis.Redis) -> None:
+    keys = Keys("scalarium-test")
+    now = 1_700_000_000.0
+    first = schedule.tick(redis_client, keys, now)
+    assert sorted(j.rsplit("-", 1)[0] for j in first) == sorted(
+        f"periodic-{p.name}" for p in schedule.PERIODIC
+    )
+    assert schedule.tick(redis_client, keys, now) == []
 
 
 def test_worker_runs_the_prune_job_from_the_queue(
