@@ -1,0 +1,442 @@
+"""The lifecycle through the real app: enrollment, setup, configure fan-out, stop, timeouts.
+
+Nodes are simulated with real keys, CSRs and request signatures; fan-out jobs run in an RQ
+worker in burst mode on the test Redis. Nothing of ours is replaced.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shlex
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import redis
+from flask import Flask
+from flask.testing import FlaskClient
+from rq import Queue, SimpleWorker
+from sqlalchemy import select, update
+
+from chef_bridge.auth import format_time, sign_request
+from server import jobs, pki, runtime
+from server.db import get_database
+from server.models import Command, Instance
+from tests.conftest import Api
+
+_KEYS: dict[int, bytes] = {}
+
+
+def key(n: int) -> bytes:
+    if n not in _KEYS:
+        _KEYS[n] = pki.generate_private_key_pem(2048)
+    return _KEYS[n]
+
+
+@dataclass
+class Node:
+    """A simulated node that signs every request, each with its own timestamp."""
+
+    client: FlaskClient
+    instance_id: str
+    key: bytes
+    clock: itertools.count = field(default_factory=lambda: itertools.count(-600))
+
+    def signed(self, method: str, path: str, payload: Any = None) -> Any:
+        body = b"" if payload is None else json.dumps(payload).encode()
+        # Identical requests signed in the same second are replays; tick a second per request.
+        moment = datetime.now(UTC) + timedelta(seconds=next(self.clock))
+        headers = sign_request(
+            self.key,
+            self.instance_id,
+            method,
+            path.split("?")[0],
+            body,
+            timestamp=format_time(moment),
+            server_api_version="1",
+        )
+        return self.client.open(
+            path, method=method, data=body, headers={**headers, "Content-Type": "application/json"}
+        )
+
+    def heartbeat(self) -> Any:
+        return self.signed("POST", "/agent/v1/heartbeat", {"agent_version": "1.0.0"})
+
+    def poll(self) -> list[dict[str, Any]]:
+        response = self.signed("GET", "/agent/v1/commands?wait=0")
+        assert response.status_code == 200, response.get_json()
+        return response.get_json()["commands"]  # type: ignore[no-any-return]
+
+    def node_json(self, command_id: str) -> dict[str, Any]:
+        response = self.signed("GET", f"/agent/v1/commands/{command_id}/node.json")
+        assert response.status_code == 200, response.get_json()
+        return json.loads(response.data)  # type: ignore[no-any-return]
+
+    def run(self, command: dict[str, Any], status: str = "successful", log: str = "ok\n") -> Any:
+        """Run one command the way the agent does: start, log, finish."""
+        cid = command["id"]
+        assert self.signed("POST", f"/agent/v1/commands/{cid}/start", {}).status_code == 200
+        logged = self.signed("POST", f"/agent/v1/commands/{cid}/log", {"offset": 0, "data": log})
+        assert logged.status_code == 200, logged.get_json()
+        return self.signed(
+            "POST",
+            f"/agent/v1/commands/{cid}/finish",
+            {
+                "status": status,
+                "exit_code": 0 if status == "successful" else 1,
+                "duration": 1.5,
+                "reason": None,
+            },
+        )
+
+
+@pytest.fixture
+def worker(
+    app: Flask, redis_client: redis.Redis, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> Any:
+    """Drain the queue in-process: fan-out jobs run against the same database and Redis."""
+    monkeypatch.setenv("SCALARIUM_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("SCALARIUM_REDIS_URL", settings.redis_url)
+    monkeypatch.setenv("SCALARIUM_DATA_DIR", str(settings.data_dir))
+    runtime.reset()
+
+    def drain() -> int:
+        queue = Queue("default", connection=redis_client)
+        count = queue.count
+        SimpleWorker([queue], connection=redis_client).work(burst=True)
+        # The jobs re-installed hooks bound to the worker's runtime; the app's own are equivalent.
+        return count
+
+    yield drain
+    runtime.database().dispose()
+    runtime.redis_connection().close()
+    runtime.reset()
+    from server.app import _install_orchestrator_hooks
+
+    _install_orchestrator_hooks(app)
+
+
+@pytest.fixture
+def cluster(admin: Api) -> dict[str, Any]:
+    stack = admin.ok("POST", "/stacks", {"shortname": "shop"})
+    lb = admin.ok(
+        "POST",
+        f"/stacks/{stack['id']}/layers",
+        {
+            "shortname": "lb",
+            "recipes": {
+                "setup": ["haproxy"],
+                "configure": ["haproxy::configure"],
+                "shutdown": ["haproxy::drain"],
+            },
+        },
+    )
+    app_layer = admin.ok(
+        "POST",
+        f"/stacks/{stack['id']}/layers",
+        {
+            "shortname": "app",
+            "recipes": {
+                "setup": ["app::setup"],
+                "configure": ["app::configure"],
+                "deploy": ["app::deploy"],
+            },
+        },
+    )
+    admin.ok(
+        "POST",
+        f"/stacks/{stack['id']}/apps",
+        {
+            "shortname": "store",
+            "layer_ids": [app_layer["id"]],
+            "source": {"type": "git", "url": "https://git.example/store.git", "revision": "main"},
+        },
+    )
+    return {"stack": stack, "lb": lb, "app": app_layer}
+
+
+def enroll(
+    app: Flask, admin: Api, cluster: dict[str, Any], hostname: str, layer: str, n: int
+) -> Node:
+    """Create a manual instance, take its user-data token, enroll it: a connected node."""
+    created = admin.ok(
+        "POST",
+        f"/stacks/{cluster['stack']['id']}/instances",
+        {"hostname": hostname, "layer_ids": [cluster[layer]["id"]]},
+    )
+    script = admin.ok("GET", f"/instances/{created['id']}/user-data")["user_data"]
+    words = shlex.split(script.splitlines()[-1])
+    token = words[words.index("--token") + 1]
+    client = app.test_client()
+    response = client.post(
+        "/agent/v1/enroll",
+        json={
+            "token": token,
+            "csr": pki.build_csr_pem(key(n), created["id"]).decode(),
+            "agent_version": "1.0.0",
+            "facts": {"hostname": hostname, "private_ip": f"10.0.0.{n}", "os": "debian"},
+        },
+    )
+    assert response.status_code == 201, response.get_json()
+    return Node(client, created["id"], key(n))
+
+
+def status(admin: Api, node: Node) -> str:
+    return str(admin.ok("GET", f"/instances/{node.instance_id}")["status"])
+
+
+def bring_online(admin: Api, node: Node) -> dict[str, Any]:
+    """Heartbeat, receive setup, run it: the node is online. Returns the setup's node JSON."""
+    assert node.heartbeat().status_code == 200
+    assert status(admin, node) == "running_setup"
+    (setup,) = node.poll()
+    assert setup["type"] == "setup"
+    document = node.node_json(setup["id"])
+    assert node.run(setup).status_code == 200
+    assert status(admin, node) == "online"
+    return document
+
+
+def members(document: dict[str, Any]) -> dict[str, list[str]]:
+    """Hostnames per layer in a node JSON, from the OpsWorks view."""
+    return {
+        layer: sorted(data["instances"]) for layer, data in document["opsworks"]["layers"].items()
+    }
+
+
+def run_configures(nodes: list[Node]) -> dict[str, dict[str, Any]]:
+    """Each node polls and runs every configure waiting for it; returns the last node JSONs."""
+    seen: dict[str, dict[str, Any]] = {}
+    for node in nodes:
+        while True:
+            commands = node.poll()
+            if not commands:
+                break
+            (command,) = commands
+            assert command["type"] == "configure"
+            seen[node.instance_id] = node.node_json(command["id"])
+            assert node.run(command).status_code == 200
+    return seen
+
+
+def test_setup_then_configure_on_every_online_instance_as_the_cluster_grows_and_shrinks(
+    app: Flask, admin: Api, cluster: dict[str, Any], worker: Any
+) -> None:
+    lb = enroll(app, admin, cluster, "lb1", "lb", 1)
+    web1 = enroll(app, admin, cluster, "web1", "app", 2)
+    web2 = enroll(app, admin, cluster, "web2", "app", 3)
+
+    setup_doc = bring_online(admin, web1)
+    # Setup runs the layer's setup recipes, then a deploy of the layer's apps.
+    assert setup_doc["run_list"] == ["recipe[app::setup]", "recipe[app::deploy]"]
+    assert "store" in setup_doc["deploy"]
+    bring_online(admin, lb)
+    bring_online(admin, web2)
+    assert worker() >= 1
+    docs = run_configures([lb, web1, web2])
+    assert set(docs) == {lb.instance_id, web1.instance_id, web2.instance_id}
+    for document in docs.values():
+        assert members(document) == {"app": ["web1", "web2"], "lb": ["lb1"]}
+        assert document["scalarium"]["activity"] == "configure"
+    assert docs[lb.instance_id]["run_list"] == ["recipe[haproxy::configure]"]
+
+    # A fourth instance joins: once online, all four configure and see it.
+    web3 = enroll(app, admin, cluster, "web3", "app", 4)
+    bring_online(admin, web3)
+    worker()
+    docs = run_configures([lb, web1, web2, web3])
+    assert set(docs) == {n.instance_id for n in (lb, web1, web2, web3)}
+    assert all(members(d)["app"] == ["web1", "web2", "web3"] for d in docs.values())
+
+    # Stopping one: its shutdown recipes run first, then the others configure without it.
+    admin.ok("POST", f"/instances/{web2.instance_id}/stop", status=200)
+    assert status(admin, web2) == "stopping"
+    (shutdown,) = web2.poll()
+    assert shutdown["type"] == "shutdown"
+    assert web2.node_json(shutdown["id"])["run_list"] == []
+    assert web2.run(shutdown).status_code == 200
+    assert status(admin, web2) == "stopped"  # a manual machine is left alone
+    worker()
+    docs = run_configures([lb, web1, web3])
+    assert all(members(d)["app"] == ["web1", "web3"] for d in docs.values())
+    assert web2.poll() == []
+
+    events = admin.ok("GET", f"/stacks/{cluster['stack']['id']}/events?limit=500")["items"]
+    kinds = [e["kind"] for e in reversed(events)]
+    assert kinds.count("stack.configure") == 3
+
+
+def test_a_burst_of_changes_is_coalesced_into_one_configure_per_instance(
+    app: Flask, admin: Api, cluster: dict[str, Any], worker: Any
+) -> None:
+    nodes = [enroll(app, admin, cluster, f"web{i}", "app", 10 + i) for i in range(4)]
+    for node in nodes:
+        bring_online(admin, node)
+    # Four joins, one pending fan-out: each instance gets exactly one configure, the latest.
+    assert worker() == 1
+    with get_database(app).session() as session:
+        configures = session.scalars(select(Command).where(Command.type == "configure")).all()
+    assert len(configures) == 4
+    stack = admin.ok("GET", f"/stacks/{cluster['stack']['id']}")
+    assert {c.cluster_version for c in configures} == {stack["cluster_version"]}
+
+
+def test_a_newer_change_supersedes_the_waiting_configure(
+    app: Flask, admin: Api, cluster: dict[str, Any], worker: Any
+) -> None:
+    web1 = enroll(app, admin, cluster, "web1", "app", 20)
+    web2 = enroll(app, admin, cluster, "web2", "app", 21)
+    bring_online(admin, web1)
+    worker()
+    bring_online(admin, web2)
+    worker()
+    # web1 never polled: its first configure was superseded by the second, never dropped.
+    with get_database(app).session() as session:
+        rows = session.scalars(
+            select(Command)
+            .where(Command.instance_id == web1.instance_id, Command.type == "configure")
+            .order_by(Command.cluster_version)
+        ).all()
+    assert [r.status for r in rows] == ["superseded", "queued"]
+    assert rows[0].reason and "superseded by cluster version" in rows[0].reason
+    (command,) = web1.poll()
+    assert command["id"] == rows[1].id
+
+
+def test_command_reports_are_idempotent_and_contradictions_refused(
+    app: Flask, admin: Api, cluster: dict[str, Any]
+) -> None:
+    node = enroll(app, admin, cluster, "web1", "app", 30)
+    node.heartbeat()
+    (setup,) = node.poll()
+    cid = setup["id"]
+    assert node.signed("POST", f"/agent/v1/commands/{cid}/start", {}).status_code == 200
+    assert node.signed("POST", f"/agent/v1/commands/{cid}/start", {}).status_code == 200
+    first = node.signed("POST", f"/agent/v1/commands/{cid}/log", {"offset": 0, "data": "abc"})
+    assert first.get_json() == {"offset": 3}
+    again = node.signed("POST", f"/agent/v1/commands/{cid}/log", {"offset": 0, "data": "abcdé"})
+    assert again.get_json() == {"offset": 6}
+    gap = node.signed("POST", f"/agent/v1/commands/{cid}/log", {"offset": 99, "data": "x"})
+    assert gap.status_code == 409 and gap.get_json()["error"]["code"] == "log_offset_gap"
+    finish = {"status": "failed", "exit_code": 1, "duration": 2.0, "reason": None}
+    assert node.signed("POST", f"/agent/v1/commands/{cid}/finish", finish).status_code == 200
+    assert node.signed("POST", f"/agent/v1/commands/{cid}/finish", finish).status_code == 200
+    contradiction = node.signed(
+        "POST", f"/agent/v1/commands/{cid}/finish", dict(finish, status="successful", exit_code=0)
+    )
+    assert contradiction.status_code == 409
+    assert contradiction.get_json()["error"]["code"] == "conflicting_result"
+    late_start = node.signed("POST", f"/agent/v1/commands/{cid}/start", {})
+    assert late_start.get_json()["error"]["code"] == "command_finished"
+    log = admin.ok("GET", f"/commands/{cid}/log")
+    assert log["log"] == "abcdé" and log["status"] == "failed"
+    assert status(admin, node) == "setup_failed"
+    deployment = admin.ok("GET", f"/deployments/{setup['deployment_id']}")
+    assert deployment["status"] == "failed"
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"status": "great"}, "invalid_status"),
+        ({"status": "failed", "exit_code": "1"}, "invalid_exit_code"),
+        ({"status": "failed", "duration": -1}, "invalid_duration"),
+        ({"status": "failed", "reason": 5}, "invalid_reason"),
+    ],
+)
+def test_bad_finish_reports_are_refused(
+    app: Flask, admin: Api, cluster: dict[str, Any], body: dict[str, Any], code: str
+) -> None:
+    node = enroll(app, admin, cluster, "web1", "app", 31)
+    node.heartbeat()
+    (setup,) = node.poll()
+    response = node.signed("POST", f"/agent/v1/commands/{setup['id']}/finish", body)
+    assert response.status_code == 400 and response.get_json()["error"]["code"] == code
+    assert admin.ok("GET", f"/commands/{setup['id']}")["status"] == "queued"
+
+
+def test_another_instances_command_is_not_found(
+    app: Flask, admin: Api, cluster: dict[str, Any]
+) -> None:
+    a = enroll(app, admin, cluster, "web1", "app", 32)
+    b = enroll(app, admin, cluster, "web2", "app", 33)
+    a.heartbeat()
+    (setup,) = a.poll()
+    for path in (f"/agent/v1/commands/{setup['id']}/node.json",):
+        assert b.signed("GET", path).status_code == 404
+    response = b.signed("POST", f"/agent/v1/commands/{setup['id']}/start", {})
+    assert response.status_code == 404
+
+
+def test_overdue_commands_time_out_and_fail_the_setup(
+    app: Flask, admin: Api, cluster: dict[str, Any], worker: Any
+) -> None:
+    node = enroll(app, admin, cluster, "web1", "app", 34)
+    node.heartbeat()
+    (setup,) = node.poll()
+    with get_database(app).session() as session:
+        session.execute(
+            update(Command)
+            .where(Command.id == setup["id"])
+            .values(created_at=datetime.now(UTC) - timedelta(hours=2))
+        )
+    assert jobs.check_commands() == 1
+    assert admin.ok("GET", f"/commands/{setup['id']}")["status"] == "timed_out"
+    assert status(admin, node) == "setup_failed"
+    # A late result from the agent loses the race quietly.
+    late = (
+        node.run(setup)
+        if False
+        else node.signed(
+            "POST",
+            f"/agent/v1/commands/{setup['id']}/finish",
+            {"status": "successful", "exit_code": 0, "duration": 1},
+        )
+    )
+    assert late.status_code == 200
+    assert admin.ok("GET", f"/commands/{setup['id']}")["status"] == "timed_out"
+
+
+def test_a_silent_instance_loses_its_connection_and_the_rest_reconfigure(
+    app: Flask, admin: Api, cluster: dict[str, Any], worker: Any
+) -> None:
+    a = enroll(app, admin, cluster, "web1", "app", 35)
+    b = enroll(app, admin, cluster, "web2", "app", 36)
+    bring_online(admin, a)
+    bring_online(admin, b)
+    worker()
+    run_configures([a, b])
+    with get_database(app).session() as session:
+        session.execute(
+            update(Instance)
+            .where(Instance.id == b.instance_id)
+            .values(last_heartbeat_at=datetime.now(UTC) - timedelta(hours=1))
+        )
+    assert jobs.check_heartbeats() == 1
+    assert status(admin, b) == "connection_lost"
+    worker()
+    docs = run_configures([a])
+    assert members(docs[a.instance_id])["app"] == ["web1"]
+    # It comes back: online again, and everyone configures with it.
+    assert b.heartbeat().status_code == 200
+    assert status(admin, b) == "online"
+    worker()
+    docs = run_configures([a, b])
+    assert all(members(d)["app"] == ["web1", "web2"] for d in docs.values())
+
+
+def test_the_reconciler_repairs_a_lost_fanout(
+    app: Flask, admin: Api, cluster: dict[str, Any], worker: Any, redis_client: redis.Redis
+) -> None:
+    node = enroll(app, admin, cluster, "web1", "app", 37)
+    bring_online(admin, node)
+    redis_client.flushdb()  # the queued fan-out job and its pending marker are gone
+    assert worker() == 0
+    assert node.poll() == []
+    assert jobs.reconcile() == [cluster["stack"]["id"]]
+    assert worker() == 1
+    (command,) = node.poll()
+    assert command["type"] == "configure"
+    assert jobs.reconcile() == []
