@@ -32,3 +32,15 @@ class Keys:
     def fanout_pending(self, stack_id: str) -> str:
         """Set while a configure fan-out job for the stack waits in the queue."""
         return f"{self.prefix}:fanout:pending:{stack_id}"
+
+    def metrics(self, instance_id: str) -> str:
+        """The latest heartbeat metrics of an instance (JSON)."""
+        return f"{self.prefix}:metrics:{instance_id}"
+
+    def heartbeat_persisted(self, instance_id: str) -> str:
+        """Set (with an expiry) when a heartbeat was last written to the database."""
+        return f"{self.prefix}:heartbeat:persisted:{instance_id}"
+
+    def agent_version(self, instance_id: str) -> str:
+        """The agent version an instance reported last."""
+        return f"{self.prefix}:agent-version:{instance_id}"

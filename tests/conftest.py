@@ -23,11 +23,15 @@ from server.migrate import upgrade
 from server.models import Role
 from server.queue import get_redis
 
-REDIS_URL = os.environ.get("SCALARIUM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# Each test run gets its own PostgreSQL database and (as far as 15 go) its own Redis database,
+# so that two runs on one machine do not flush or drop each other's data.
+REDIS_URL = os.environ.get(
+    "SCALARIUM_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{1 + os.getpid() % 15}"
+)
 PG_ADMIN_URL = os.environ.get(
     "SCALARIUM_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-PG_DB = os.environ.get("SCALARIUM_TEST_PG_DB", "scalarium_test")
+PG_DB = os.environ.get("SCALARIUM_TEST_PG_DB", f"scalarium_test_{os.getpid()}")
 PG_URL = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + PG_DB
 
 
@@ -40,11 +44,15 @@ def _reset_postgres() -> None:
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> str:
-    """A fresh PostgreSQL database migrated to head, once per session."""
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database migrated to head, once per session, dropped afterwards."""
     _reset_postgres()
     upgrade(PG_URL)
-    return PG_URL
+    yield PG_URL
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"DROP DATABASE IF EXISTS {PG_DB} WITH (FORCE)"))
+    admin.dispose()
 
 
 @pytest.fixture(scope="session")

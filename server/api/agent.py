@@ -50,6 +50,9 @@ MAX_WAIT_SECONDS = 60
 WAIT_SLICE_SECONDS = 20.0
 WAKE_TTL_SECONDS = 2 * MAX_WAIT_SECONDS
 MAX_METRICS_BYTES = 16 * 1024
+# The database learns of heartbeats at most this often per instance (Redis: every beat).
+HEARTBEAT_PERSIST_SECONDS = 15
+METRICS_TTL_SECONDS = 3600
 
 
 def init_app(app: Flask) -> None:
@@ -230,13 +233,46 @@ def parse_metrics(body: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
 @blueprint.post("/heartbeat")
 @signed
 def heartbeat(agent: AgentIdentity) -> Any:
-    """Store the node's metrics; the first heartbeat after enrollment starts setup."""
+    """Keep the node's latest metrics; the first heartbeat after enrollment starts setup.
+
+    Metrics go to Redis on every beat; the database row (last_heartbeat_at, metrics, agent
+    version) is written at most every HEARTBEAT_PERSIST_SECONDS, or at once when the agent
+    version changes or the lifecycle moves, so thousands of agents do not mean thousands of
+    writes per minute.
+    """
     session = db.session()
     metrics, agent_version = parse_metrics(_json_object(required=False))
-    values: dict[str, Any] = {"metrics": metrics, "last_heartbeat_at": utcnow()}
-    if agent_version is not None:
-        values["agent_version"] = agent_version
-    session.execute(update(Instance).where(Instance.id == agent.instance_id).values(**values))
+    now = utcnow()
+    connection = get_redis(current_app)
+    keys = _keys()
+    try:
+        pipe = connection.pipeline(transaction=False)
+        pipe.set(
+            keys.metrics(agent.instance_id),
+            json.dumps({"at": now.isoformat(), "agent_version": agent_version, **metrics}),
+            ex=METRICS_TTL_SECONDS,
+        )
+        pipe.set(
+            keys.heartbeat_persisted(agent.instance_id),
+            agent_version or "",
+            nx=True,
+            ex=HEARTBEAT_PERSIST_SECONDS,
+        )
+        pipe.getset(keys.agent_version(agent.instance_id), agent_version or "")
+        _, due, previous_version = pipe.execute()
+    except redis.RedisError as exc:
+        raise Unavailable(
+            f"metrics store unavailable: {type(exc).__name__}", code="redis_unavailable"
+        ) from None
+    connecting = agent.status in _CONNECT_TRIGGERS
+    version_changed = (previous_version or b"").decode() != (agent_version or "")
+    if due or connecting or version_changed:
+        values: dict[str, Any] = {"metrics": metrics, "last_heartbeat_at": now}
+        if agent_version is not None:
+            values["agent_version"] = agent_version
+        session.execute(update(Instance).where(Instance.id == agent.instance_id).values(**values))
+    if not connecting:
+        return jsonify({"ok": True, "status": agent.status})
     instance = lock_instance(session, agent.instance_id)
     trigger = _CONNECT_TRIGGERS.get(instance.status)
     if trigger is not None:
@@ -248,6 +284,12 @@ def heartbeat(agent: AgentIdentity) -> Any:
             reason="agent connected",
         )
     return jsonify({"ok": True, "status": instance.status})
+
+
+def latest_metrics(connection: redis.Redis, keys: Keys, instance_id: str) -> dict[str, Any] | None:
+    """The metrics of an instance's last heartbeat, if one came recently."""
+    raw = connection.get(keys.metrics(instance_id))
+    return json.loads(raw) if raw else None
 
 
 # A signed request from a node that is not yet (or no longer) in service moves it on.

@@ -27,7 +27,7 @@ from sqlalchemy import select
 
 from chef_bridge.auth import format_time, sign_request
 from server import pki
-from server.api.agent import MAX_WAIT_SECONDS, parse_wait, wake
+from server.api.agent import MAX_WAIT_SECONDS, latest_metrics, parse_wait, wake
 from server.db import get_database
 from server.enrollment import get_ca, revoke_instance_certificates
 from server.errors import Invalid
@@ -241,7 +241,13 @@ def test_node_enrolls_heartbeats_into_running_setup_and_polls(
     assert node.heartbeat().status_code == 200
     with get_database(app).session() as session:
         row = session.get(Instance, instance_id)
+        # A new agent version is written at once (Redis has every beat).
         assert row is not None and row.metrics == {"load": [0.1, 0.2, 0.3]}
+    latest = latest_metrics(
+        app.extensions["scalarium.redis"], app.extensions["scalarium.keys"], instance_id
+    )
+    assert latest is not None and latest["load"] == [0.1, 0.2, 0.3]
+    with get_database(app).session() as session:
         kinds = [e.kind for e in session.scalars(select(Event).order_by(Event.id))]
         assert kinds.count("instance.enrolled") == 1
         moves = [

@@ -30,7 +30,7 @@ from server.enrollment import (
 from server.errors import Invalid
 from server.models import EnrollmentToken, Event, Instance, InstanceState
 from server.processes import local_url, server_tls, tls_hostnames
-from tests.conftest import Api, make_token
+from tests.conftest import REDIS_URL, Api, make_token
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -294,7 +294,7 @@ def test_operator_ca_is_used_when_configured(tmp_path: Path) -> None:
         data_dir=str(tmp_path / "data"),
         ca_cert=str(tmp_path / "c.pem"),
         ca_key=str(tmp_path / "k.pem"),
-        redis_url="redis://127.0.0.1:6379/15",
+        redis_url=REDIS_URL,
     )
     app = create_app(settings)
     body = app.test_client().get("/bootstrap/v1/ca.pem").data

@@ -236,3 +236,26 @@ def test_the_reconciler_repairs_a_lost_fanout(
     (command,) = node.poll()
     assert command["type"] == "configure"
     assert jobs.reconcile() == []
+
+
+def test_heartbeats_reach_the_database_at_most_every_fifteen_seconds(
+    app: Flask, admin: Api, cluster: dict[str, Any]
+) -> None:
+    node = enroll(app, admin, cluster, "web1", "app", 38)
+    bring_online(admin, node)
+    with get_database(app).session() as session:
+        first = session.get(Instance, node.instance_id)
+        assert first is not None
+        seen = first.last_heartbeat_at
+    for _ in range(3):
+        assert node.heartbeat().status_code == 200
+    with get_database(app).session() as session:
+        row = session.get(Instance, node.instance_id)
+        assert row is not None and row.last_heartbeat_at == seen
+    app.extensions["scalarium.redis"].delete(
+        app.extensions["scalarium.keys"].heartbeat_persisted(node.instance_id)
+    )
+    assert node.heartbeat().status_code == 200
+    with get_database(app).session() as session:
+        row = session.get(Instance, node.instance_id)
+        assert row is not None and seen is not None and row.last_heartbeat_at > seen

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from server.db import Base, make_engine
 from server.migrate import upgrade
 from tests.conftest import PG_ADMIN_URL
 
-MIGRATION_DB = "scalarium_migration_test"
+MIGRATION_DB = f"scalarium_migration_test_{os.getpid()}"
 
 
 def _diff(url: str) -> list[object]:
