@@ -47,6 +47,7 @@ def create_app(config: Settings | None = None) -> Flask:
         agent,
         apps,
         bootstrap,
+        cookbooks,
         deployments,
         instances,
         layers,

@@ -133,7 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
             )
             _client_args(p, resource, parent)
             p.add_argument("ref", metavar="INSTANCE", help="instance id or hostname")
+            for action, text in LIFECYCLE_ACTIONS.items():
+                p = command(action, cmd_instance_action, text, res)
+                _client_args(p, resource, parent)
+                p.add_argument("ref", metavar="INSTANCE", help="instance id or hostname")
+                p.set_defaults(action=action)
         if resource == "stacks":
+            p = command(
+                "update-cookbooks",
+                cmd_update_cookbooks,
+                "fetch the custom cookbooks, build the bundle, send update_custom_cookbooks",
+                res,
+            )
+            _client_args(p, resource, None, with_stack=True)
+            p.add_argument("ref", metavar="STACK")
             p = command("clone", cmd_clone, "clone a stack's settings, layers and apps", res)
             _client_args(p, resource, None, with_stack=True)
             p.add_argument("ref", metavar="STACK")
@@ -143,6 +156,29 @@ def build_parser() -> argparse.ArgumentParser:
             _client_args(p, resource, None, with_stack=True)
             p.add_argument("ref", metavar="STACK")
             p.add_argument("--limit", type=int, default=50)
+
+    chef = sub.add_parser("chef", help="talk to an existing Chef Server").add_subparsers(
+        title="chef commands"
+    )
+    p = command(
+        "import",
+        cmd_chef_import,
+        "copy roles, environments, data bags and cookbooks from a Chef Server",
+        chef,
+    )
+    p.add_argument("dest", metavar="DEST", help="a new (or empty) directory for the chef-repo")
+    p.add_argument("--server", required=True, help="Chef Server URL")
+    p.add_argument("--client", required=True, help="the client (or user) name to sign as")
+    p.add_argument("--key", required=True, help="that client's private key (PEM file)")
+    p.add_argument("--org", default=None, help="organization, for Chef Infra Server")
+    p.add_argument(
+        "--cookbook", action="append", default=[], help="import only these cookbooks; repeatable"
+    )
+    p.add_argument(
+        "--all-versions",
+        action="store_true",
+        help="every version of each cookbook, not only the newest",
+    )
 
     dep = sub.add_parser("deployments", help="deployments and their commands").add_subparsers(
         title="deployments commands"
@@ -440,6 +476,66 @@ def cmd_delete(args: argparse.Namespace) -> int:
     client = _client(args)
     result = client.request("DELETE", _path(client, args))
     print(json.dumps(result) if args.json else f"deleted {result['deleted']}")
+    return 0
+
+
+LIFECYCLE_ACTIONS = {
+    "start": "start an instance (for a manual one, then run its user-data on the machine)",
+    "stop": "stop an instance: shutdown recipes, then the provider stops the machine",
+    "setup": "run setup again on an instance",
+    "terminate": "terminate a stopped instance: the provider removes the machine",
+}
+
+
+def cmd_instance_action(args: argparse.Namespace) -> int:
+    """Start, stop, set up again or terminate an instance."""
+    client = _client(args)
+    instance_id = _child_id(client, _stack_id(client, args.stack), "instances", args.ref)
+    result = client.request("POST", f"/instances/{instance_id}/{args.action}", {})
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"instance {result['hostname']}: {result['status']}")
+    return 0
+
+
+def cmd_update_cookbooks(args: argparse.Namespace) -> int:
+    """Ask the server to rebuild the stack's bundle and update its online instances."""
+    client = _client(args)
+    result = client.request("POST", f"{_path(client, args)}/update-cookbooks", {})
+    print(
+        json.dumps(result, indent=2)
+        if args.json
+        else f"update-cookbooks: {result['status']} (job {result.get('job_id', '-')})"
+    )
+    return 0
+
+
+def cmd_chef_import(args: argparse.Namespace) -> int:
+    """Copy roles, environments, data bags and cookbooks from a Chef Server into a directory."""
+    from pathlib import Path
+
+    from chef_bridge.auth import AuthError
+    from chef_bridge.chef_import import ChefImportError, import_from_server
+    from chef_bridge.chef_server import ChefServerClient, ChefServerError
+
+    try:
+        key = Path(args.key).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"--key {args.key}: {exc.strerror}") from exc
+    try:
+        client = ChefServerClient(args.server, args.client, key, organization=args.org or None)
+        summary = import_from_server(
+            client,
+            Path(args.dest),
+            cookbooks=args.cookbook or None,
+            latest_only=not args.all_versions,
+            progress=lambda message: print(message, file=sys.stderr, flush=True),
+        )
+    except (ChefServerError, ChefImportError, AuthError) as exc:
+        print(f"error: {exc.code}: {exc}", file=sys.stderr)
+        return 1
+    print(summary.describe())
     return 0
 
 

@@ -27,6 +27,7 @@ from server.agent_auth import (
     record_refusal,
 )
 from server.api.registry import read_json
+from server.bundles import BASE_RECIPES, ensure_stack_bundle
 from server.db import get_database, utcnow
 from server.enrollment import (
     EnrollmentRefused,
@@ -38,7 +39,7 @@ from server.enrollment import (
 from server.errors import Conflict, Invalid, NotFound, ScalariumError, Unavailable
 from server.keys import Keys
 from server.lifecycle import CommandTrigger, Trigger
-from server.models import Command, CommandType, Instance, InstanceState, Stack
+from server.models import Command, CommandType, Instance, InstanceState
 from server.queue import get_redis
 
 log = logging.getLogger(__name__)
@@ -351,8 +352,14 @@ def queued_commands(instance_id: str) -> list[dict[str, Any]]:
     if instance is not None:
         command = orchestrator.next_command(session, instance)
         if command is not None:
-            stack = session.get(Stack, instance.stack_id)
-            found.append(command_document(command, stack.bundle_sha256 if stack else None))
+            session.commit()  # no write lock may be held while a missing bundle is built
+            bundle = ensure_stack_bundle(
+                session,
+                instance.stack_id,
+                current_app.config["SCALARIUM"],
+                current_app.extensions["scalarium.vault"],
+            )
+            found.append(command_document(command, bundle))
     # Never hold a transaction (or, on SQLite, a read snapshot) through the wait.
     session.commit()
     return found
@@ -408,7 +415,7 @@ def node_json(agent: AgentIdentity, command_id: str) -> Any:
     command = _own_command(session, agent, command_id)
     vault = current_app.extensions["scalarium.vault"]
     cluster = cluster_input(session, agent.stack_id, vault)
-    view = nj.build_cluster(cluster)
+    view = nj.build_cluster(cluster, base_recipes=BASE_RECIPES)
     deployment = command.deployment
     event = command.type
     extra: list[str] | None = None

@@ -7,13 +7,14 @@ from typing import Any
 from flask import Response, request
 from sqlalchemy import select
 
-from server import db, events
+from server import db
 from server.access import current_principal
 from server.api import serialize
-from server.api.common import actor, count, get_or_404, owned, stack_for
+from server.api.common import count, get_or_404, owned, stack_for
 from server.api.registry import Page, paginated
 from server.api.v1 import v1
-from server.deployments import APP_COMMANDS, Target, TargetError, select_targets
+from server.commands import create_deployment as create
+from server.deployments import APP_COMMANDS, TargetError
 from server.errors import Conflict, Invalid, NotFound
 from server.models import App, Command, CommandType, Deployment, Role
 from server.schemas import COMMAND, DEPLOYMENT
@@ -87,53 +88,22 @@ def create_deployment(stack_id: str, body: dict[str, Any]) -> dict[str, Any]:
             code="recipes_not_allowed",
             details={"field": "recipes"},
         )
-    targets = [
-        Target(i.id, i.status, frozenset(layer.id for layer in i.layers)) for i in stack.instances
-    ]
     try:
-        chosen = select_targets(
+        deployment = create(
+            session,
+            stack,
             command,
-            targets,
+            created_by=current_principal().name,
+            instance_ids=body.get("instance_ids"),
             app_layer_ids=frozenset(app.layer_ids) if app else None,
-            requested=body.get("instance_ids"),
+            app_id=app.id if app else None,
+            args={"recipes": body["recipes"]} if body["recipes"] else {},
+            custom_json=body["custom_json"],
+            comment=body["comment"],
         )
     except TargetError as exc:
         error = Conflict if exc.code in ("no_online_instances", "instance_not_online") else Invalid
         raise error(str(exc), code=exc.code, details={"instance_ids": exc.ids}) from exc
-    deployment = Deployment(
-        stack_id=stack.id,
-        app_id=app.id if app else None,
-        command=command.value,
-        args={"recipes": body["recipes"]} if body["recipes"] else {},
-        custom_json=body["custom_json"],
-        comment=body["comment"],
-        created_by=current_principal().name,
-    )
-    session.add(deployment)
-    session.flush()
-    for instance_id in chosen:
-        session.add(
-            Command(
-                deployment_id=deployment.id,
-                instance_id=instance_id,
-                type=command.value,
-                cluster_version=stack.cluster_version,
-                args=deployment.args,
-            )
-        )
-    events.record(
-        session,
-        "deployment.created",
-        f"{command.value} sent to {len(chosen)} instance(s)",
-        stack_id=stack.id,
-        data={
-            "deployment_id": deployment.id,
-            "command": command.value,
-            "app_id": deployment.app_id,
-        },
-        actor=actor(),
-    )
-    session.flush()
     session.refresh(deployment)
     return serialize.deployment(deployment)
 

@@ -232,3 +232,26 @@ def test_config_masks_secrets(monkeypatch: pytest.MonkeyPatch, capsys: Any, tmp_
         assert secret not in out
     assert "postgresql://scal:*****@db.internal/scal" in out
     assert os.environ["SCALARIUM_DATA_DIR"] in out
+
+
+def test_instance_lifecycle_commands(cli: Any) -> None:
+    cli("stacks", "create", "life")
+    cli("layers", "create", "--stack", "life", "app")
+    cli("instances", "create", "--stack", "life", "m1", "--layer", "app")
+    code, out, err = cli("instances", "start", "--stack", "life", "m1")
+    assert (code, out.strip()) == (0, "instance m1: pending"), err
+    code, out, _ = cli("instances", "stop", "--stack", "life", "m1")
+    assert (code, out.strip()) == (0, "instance m1: stopped")
+    code, _, err = cli("instances", "setup", "--stack", "life", "m1")
+    assert code == 1 and "illegal_transition" in err
+    code, out, _ = cli("instances", "terminate", "--stack", "life", "m1", "--json")
+    assert code == 0 and json.loads(out)["status"] == "terminated"
+    code, out, _ = cli("stacks", "events", "life")
+    assert "stopped -> terminated" in out
+
+
+def test_update_cookbooks_is_queued(cli: Any) -> None:
+    cli("stacks", "create", "books")
+    code, out, err = cli("stacks", "update-cookbooks", "books")
+    assert code == 0, err
+    assert out.startswith("update-cookbooks: queued")

@@ -30,7 +30,11 @@ def test_setup_then_configure_on_every_online_instance_as_the_cluster_grows_and_
 
     setup_doc = bring_online(admin, web1)
     # Setup runs the layer's setup recipes, then a deploy of the layer's apps.
-    assert setup_doc["run_list"] == ["recipe[app::setup]", "recipe[app::deploy]"]
+    assert setup_doc["run_list"] == [
+        "recipe[scalarium_base]",
+        "recipe[app::setup]",
+        "recipe[app::deploy]",
+    ]
     assert "store" in setup_doc["deploy"]
     bring_online(admin, lb)
     bring_online(admin, web2)
