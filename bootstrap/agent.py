@@ -208,6 +208,38 @@ def signed_headers(
     return headers
 
 
+class SignatureSpacer:
+    """Keeps the agent from signing the same request twice within one timestamp second.
+
+    The signature covers method, path (without the query), content hash and a timestamp with
+    second precision, and RSA PKCS#1 v1.5 signatures are deterministic: two identical requests in
+    one second carry identical signatures, and the server refuses the second as a replay. Two
+    polls or two empty-bodied POSTs in quick succession are enough to hit that, so an identical
+    request waits for the next second instead. The last `limit` signed requests are remembered,
+    which also covers a wall clock stepped back by a few seconds.
+    """
+
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self.sent: dict[tuple[int, str, str, str], None] = {}
+        self.lock = threading.Lock()
+
+    def claim(self, method: str, path: str, body_hash: str, epoch: float) -> float:
+        """Record a request about to be signed at `epoch`; return 0, or the wait before retrying.
+
+        A non-zero answer records nothing: the caller waits and claims again with a new time.
+        """
+        key = (int(epoch), method.upper(), canonical_path(path), body_hash)
+        with self.lock:
+            if key in self.sent:
+                # Just past the boundary, so that int() of the new time is the next second.
+                return max(0.001, int(epoch) + 1 - epoch + 0.001)
+            self.sent[key] = None
+            while len(self.sent) > self.limit:
+                del self.sent[next(iter(self.sent))]
+        return 0.0
+
+
 # --- transport ---------------------------------------------------------------------------------
 
 
@@ -253,6 +285,7 @@ class Client:
         api_version: str = DEFAULTS["server_api_version"],
         timeout: float = DEFAULTS["http_timeout"],
         wall_clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         parts = urllib.parse.urlsplit(server_url)
         handlers: list[Any] = []
@@ -275,6 +308,8 @@ class Client:
         self.api_version = api_version
         self.timeout = timeout
         self.wall_clock = wall_clock
+        self.sleep = sleep
+        self.spacer = SignatureSpacer()
         self.opener = urllib.request.build_opener(*handlers)
 
     def server_path(self, url: str) -> str:
@@ -288,6 +323,17 @@ class Client:
         if base_path and path.startswith(base_path + "/"):
             path = path[len(base_path) :]
         return path + (f"?{parts.query}" if parts.query else "")
+
+    def signing_time(self, method: str, path: str, body: bytes) -> float:
+        """Return the time to sign a request at: now, unless that would repeat a signature."""
+        body_hash = content_hash(body)
+        while True:
+            now = self.wall_clock()
+            wait = self.spacer.claim(method, path, body_hash, now)
+            if wait <= 0:
+                return now
+            log.debug("request %s %s: identical to one signed this second; waiting", method, path)
+            self.sleep(wait)
 
     def request(
         self,
@@ -316,7 +362,7 @@ class Client:
                     full_path,
                     body,
                     self.instance_id,
-                    self.wall_clock(),
+                    self.signing_time(method, full_path, body),
                     self.api_version,
                 )
             )

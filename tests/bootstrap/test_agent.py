@@ -207,6 +207,112 @@ def test_signing_with_a_missing_key_raises_signing_error(tmp_path: Path) -> None
         agent.signed_headers(str(tmp_path / "nope.pem"), "GET", "/", b"", INSTANCE, 0)
 
 
+# Each step: (method, path, body, wall-clock time) -> the wait the spacer asks for.
+SPACING_CASES = [
+    pytest.param(
+        [
+            ("GET", "/agent/v1/commands", b"", 100.2, 0.0),
+            ("GET", "/agent/v1/commands", b"", 100.7, 0.301),
+        ],
+        id="same request same second waits for the next second",
+    ),
+    pytest.param(
+        [
+            ("GET", "/agent/v1/commands?wait=30", b"", 100.2, 0.0),
+            ("GET", "/agent//v1/commands/", b"", 100.9, 0.101),
+        ],
+        id="query and slashes do not make a request different (the server ignores them too)",
+    ),
+    pytest.param(
+        [
+            ("GET", "/agent/v1/commands", b"", 100.2, 0.0),
+            ("GET", "/agent/v1/commands", b"", 101.0, 0.0),
+        ],
+        id="same request next second is free",
+    ),
+    pytest.param(
+        [
+            ("POST", "/agent/v1/heartbeat", b"{}", 100.1, 0.0),
+            ("POST", "/agent/v1/heartbeat", b'{"x":1}', 100.2, 0.0),
+            ("POST", "/agent/v1/commands/c1/start", b"{}", 100.3, 0.0),
+            ("GET", "/agent/v1/heartbeat", b"{}", 100.4, 0.0),
+        ],
+        id="another body, path or method in the same second is free",
+    ),
+    pytest.param(
+        [
+            ("POST", "/agent/v1/commands/c1/start", b"{}", 100.5, 0.0),
+            ("POST", "/agent/v1/commands/c1/start", b"{}", 101.5, 0.0),
+            ("POST", "/agent/v1/commands/c1/start", b"{}", 100.9, 0.101),
+        ],
+        id="a wall clock stepped back still finds the earlier signature",
+    ),
+]
+
+
+@pytest.mark.parametrize("steps", SPACING_CASES)
+def test_signature_spacer_never_lets_a_signature_repeat(
+    steps: list[tuple[str, str, bytes, float, float]],
+) -> None:
+    spacer = agent.SignatureSpacer()
+    for method, path, body, epoch, expected in steps:
+        wait = spacer.claim(method, path, agent.content_hash(body), epoch)
+        assert wait == pytest.approx(expected, abs=1e-6)
+        if wait:  # waiting lands in the next second, never further
+            assert int(epoch + wait) == int(epoch) + 1
+
+
+def test_signature_spacer_forgets_past_its_limit() -> None:
+    spacer = agent.SignatureSpacer(limit=2)
+    for path in ("/a", "/b", "/c"):
+        assert spacer.claim("GET", path, "h", 5.0) == 0.0
+    assert spacer.claim("GET", "/a", "h", 5.0) == 0.0  # the oldest was dropped
+    assert spacer.claim("GET", "/c", "h", 5.0) > 0
+
+
+def test_identical_requests_in_one_second_are_signed_in_different_seconds(
+    stub: StubServer, key_file: str
+) -> None:
+    """Two polls in the same second would carry the same signature: a replay to the server."""
+    clock = [1_700_000_000.25]
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        clock[0] += seconds
+
+    client = agent.Client(
+        stub.url, None, INSTANCE, key_file, wall_clock=lambda: clock[0], sleep=sleep
+    )
+    for _ in range(3):
+        client.request("GET", "/agent/v1/commands?wait=0")
+    client.request("POST", "/agent/v1/heartbeat", {"n": 1})
+    client.request("POST", "/agent/v1/heartbeat", {"n": 2})
+    sent = [headers for _, _, headers, _ in stub.state.raw_requests]
+    stamps = [h["X-Ops-Timestamp"] for h in sent]
+    assert stamps == [
+        "2023-11-14T22:13:20Z",
+        "2023-11-14T22:13:21Z",
+        "2023-11-14T22:13:22Z",
+        "2023-11-14T22:13:22Z",  # a heartbeat with another body needs no wait
+        "2023-11-14T22:13:22Z",
+    ]
+    signatures = {"".join(v for k, v in sorted(h.items()) if "Authorization" in k) for h in sent}
+    assert len(signatures) == len(sent)
+    assert len(waits) == 2 and stub.state.bad_signatures == 0
+
+
+def test_back_to_back_polls_with_the_real_clock_never_repeat_a_signature(
+    stub: StubServer, key_file: str
+) -> None:
+    client = agent.Client(stub.url, None, INSTANCE, key_file)
+    for _ in range(3):
+        client.request("GET", "/agent/v1/commands?wait=0")
+    sent = [headers for _, _, headers, _ in stub.state.raw_requests]
+    signatures = {"".join(v for k, v in sorted(h.items()) if "Authorization" in k) for h in sent}
+    assert len(signatures) == 3 and stub.state.bad_signatures == 0
+
+
 # --- backoff -------------------------------------------------------------------------------------
 
 

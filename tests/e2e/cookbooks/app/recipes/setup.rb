@@ -1,0 +1,2 @@
+# The end-to-end tests' app server: setup.
+log "app setup on #{node['opsworks']['instance']['hostname']}"

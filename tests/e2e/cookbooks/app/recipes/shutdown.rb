@@ -1,0 +1,2 @@
+# The end-to-end tests' app server: shutdown.
+log "app shutdown on #{node['opsworks']['instance']['hostname']}"
