@@ -53,6 +53,31 @@ class E2EServer:
     ca_path: Path
     log_path: Path
     process: subprocess.Popen[bytes]
+    env: dict[str, str] | None = None
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the server process (SIGKILL for a crash)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+            try:
+                self.process.wait(timeout=STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def start(self) -> None:
+        """Start the server process again, same port, same data (after stop())."""
+        assert self.env is not None
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "server.cli", "server"],
+                env=self.env,
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        _wait_ready(self, STARTUP_TIMEOUT)
 
     def context(self) -> ssl.SSLContext:
         """A TLS context that trusts only the installation CA."""
@@ -144,20 +169,15 @@ def tls_server(address: str, public_host: str, tmp_path: Path) -> Iterator[E2ESe
         ca_path=data_dir / "pki" / "ca.pem",
         log_path=log_path,
         process=process,
+        env=env,
     )
     try:
         _wait_ready(server, STARTUP_TIMEOUT)
         yield server
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                # Short: a worker holding a long poll (up to 30 s) would otherwise be waited
-                # for until gunicorn's graceful timeout, and nothing here needs a clean exit.
-                process.wait(timeout=STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        # Short grace: a worker holding a long poll (up to 30 s) would otherwise be waited for
+        # until gunicorn's graceful timeout, and nothing here needs a clean exit.
+        server.stop()
 
 
 @pytest.fixture
