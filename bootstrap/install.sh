@@ -21,9 +21,10 @@ info() {
 
 usage() {
     cat >&2 <<'USAGE'
-usage: install.sh --token TOKEN [--server URL] [--root DIR] [--foreground]
+usage: install.sh --token TOKEN|--token-file FILE [--server URL] [--root DIR] [--foreground]
                   [--chef skip|cinc:VERSION|chef:VERSION|url:URL#sha256=HEX]
                   [--chef-binary PATH] [--ca FILE] [--agent-arg ARG]...
+--token-file - reads the token from standard input (keeps it out of `ps`).
 USAGE
 }
 
@@ -141,15 +142,22 @@ UNIT
 }
 
 main() {
-    local server="" token="" root="/" foreground=0 chef_mode="cinc:latest" chef_binary="" ca=""
-    local agent_args=()
+    local server="" token="" token_file="" root="/" foreground=0 chef_mode="cinc:latest"
+    local chef_binary="" ca="" agent_args=()
+    # Defaults from the environment, so that tests (and anyone trying it out) can run unchanged
+    # user-data under a directory prefix and without systemd; the options still win.
+    root=${SCALARIUM_ROOT:-$root}
+    if [[ ${SCALARIUM_FOREGROUND:-} == 1 ]]; then
+        foreground=1
+    fi
     while (($#)); do
         case $1 in
-            --server | --token | --root | --chef | --chef-binary | --ca | --agent-arg)
+            --server | --token | --token-file | --root | --chef | --chef-binary | --ca | --agent-arg)
                 (($# >= 2)) || die "$1 needs a value"
                 case $1 in
                     --server) server=$2 ;;
                     --token) token=$2 ;;
+                    --token-file) token_file=$2 ;;
                     --root) root=$2 ;;
                     --chef) chef_mode=$2 ;;
                     --chef-binary) chef_binary=$2 ;;
@@ -170,7 +178,17 @@ main() {
         server=$SCALARIUM_URL_DEFAULT
     fi
     [[ -n $server ]] || die "--server URL is required"
-    [[ -n $token ]] || die "--token is required"
+    if [[ -n $token_file ]]; then
+        [[ -z $token ]] || die "give --token or --token-file, not both"
+        # A file (or stdin) keeps the token out of the process list that `ps` shows everyone.
+        if [[ $token_file == - ]]; then
+            IFS= read -r token || true
+        else
+            [[ -r $token_file ]] || die "token file $token_file not readable"
+            IFS= read -r token <"$token_file" || true
+        fi
+    fi
+    [[ -n $token ]] || die "--token (or --token-file) is required"
     server=${server%/}
     case $server in
         https://*) ;;

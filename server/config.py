@@ -19,6 +19,8 @@ ENVIRONMENT = {
     "SCALARIUM_SECRET_KEY": "secret_key",
     "SCALARIUM_WEB_WORKERS": "web_workers",
     "SCALARIUM_WEB_THREADS": "web_threads",
+    "SCALARIUM_WEB_WORKER_CLASS": "web_worker_class",
+    "SCALARIUM_WEB_CONNECTIONS": "web_connections",
     "SCALARIUM_QUEUE_PREFIX": "queue_prefix",
     "SCALARIUM_EVENT_RETENTION_DAYS": "event_retention_days",
     "SCALARIUM_LOG_LEVEL": "log_level",
@@ -29,7 +31,10 @@ ENVIRONMENT = {
     "SCALARIUM_CERT_LIFETIME_DAYS": "cert_lifetime_days",
     "SCALARIUM_CHEF_INSTALL": "chef_install",
     "SCALARIUM_HEARTBEAT_LIMIT": "heartbeat_limit",
+    "SCALARIUM_LOCAL_CHEF_BINARY": "local_chef_binary",
 }
+
+WEB_WORKER_CLASSES = ("gevent", "gthread")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -49,6 +54,11 @@ class Settings:
     secret_key: str = ""
     web_workers: int = 2
     web_threads: int = 8
+    # gevent (default: one greenlet per request, so 10,000 waiting long polls cost memory, not
+    # threads) or gthread (web_threads OS threads per worker; a waiting poll holds one).
+    web_worker_class: str = "gevent"
+    # Concurrent connections per gevent worker (gunicorn's worker_connections).
+    web_connections: int = 10000
     queue_prefix: str = "scalarium"
     event_retention_days: int = 90
     log_level: str = "INFO"
@@ -65,6 +75,8 @@ class Settings:
     chef_install: str = "auto"
     # Seconds without a heartbeat before an online instance is `connection_lost`.
     heartbeat_limit: int = 300
+    # The chef binary of `local` instances (install.sh --chef-binary); empty: install.sh detects.
+    local_chef_binary: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -112,6 +124,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
     for attribute in (
         "web_workers",
         "web_threads",
+        "web_connections",
         "event_retention_days",
         "enroll_token_ttl",
         "cert_lifetime_days",
@@ -121,6 +134,11 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
             values[attribute] = int(values[attribute])
     if "tls" in values:
         values["tls"] = parse_flag(values["tls"], "SCALARIUM_TLS")
+    if values.get("web_worker_class", "gevent") not in WEB_WORKER_CLASSES:
+        raise ValueError(
+            f"SCALARIUM_WEB_WORKER_CLASS must be one of {', '.join(WEB_WORKER_CLASSES)},"
+            f" not {values['web_worker_class']!r}"
+        )
     if bool(values.get("ca_cert")) != bool(values.get("ca_key")):
         raise ValueError("SCALARIUM_CA_CERT and SCALARIUM_CA_KEY must be set together")
     if not values.get("database_url"):

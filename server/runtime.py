@@ -60,7 +60,7 @@ def enqueue_fanout(connection: redis.Redis, keyset: Keys, stack_id: str) -> None
 
 def hooks_for(connection: redis.Redis, keyset: Keys) -> Any:
     """Orchestrator hooks that reach agents, the queue and providers through this Redis."""
-    from server import jobs, orchestrator
+    from server import orchestrator, providers
     from server.api.agent import wake
     from server.queue import enqueue
 
@@ -68,7 +68,7 @@ def hooks_for(connection: redis.Redis, keyset: Keys) -> Any:
         wake=lambda instance_id: wake(connection, instance_id, keyset),
         enqueue_fanout=lambda stack_id: enqueue_fanout(connection, keyset, stack_id),
         machine_action=lambda instance_id, action: enqueue(
-            connection, jobs.provider_action, instance_id, action
+            connection, providers.provider_action, instance_id, action
         ),
     )
 

@@ -141,6 +141,50 @@ def test_rejected_token_prints_the_server_error_and_fails(
     assert "tok-WRONG-123" not in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("source", ["stdin", "file"])
+def test_token_file_or_stdin_enrolls_without_the_token_on_the_command_line(
+    stub: StubServer, tmp_path: Path, ca_file: str, source: str
+) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    where = "-" if source == "stdin" else str(token_file)
+    argv = ["bash", str(INSTALL), "--token-file", where, "--root", str(root)]
+    argv += ["--server", stub.url, "--foreground", "--chef", "skip", "--ca", ca_file]
+    result = subprocess.run(
+        argv,
+        input=TOKEN if source == "stdin" else "",
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, SCALARIUM_AGENT_ONCE="1"),
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert TOKEN not in " ".join(argv)
+    assert stub.state.csr_subjects == [INSTANCE]
+    assert TOKEN not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--token", TOKEN, "--token-file", "-"), "not both"),
+        (("--token-file", "/nonexistent/token"), "not readable"),
+        (("--token-file", "-"), "--token (or --token-file) is required"),
+    ],
+)
+def test_token_file_mistakes_fail_with_a_clear_message(
+    tmp_path: Path, ca_file: str, args: tuple[str, ...], message: str
+) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    argv = ["bash", str(INSTALL), *args, "--root", str(root), "--ca", ca_file]
+    argv += ["--server", "https://127.0.0.1:1", "--chef", "skip"]
+    result = subprocess.run(argv, input="", capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
 def test_server_substituted_into_the_script_makes_server_optional(
     stub: StubServer, tmp_path: Path, ca_file: str
 ) -> None:
@@ -177,3 +221,39 @@ def test_without_foreground_a_unit_is_written_under_the_root(
     root = tmp_path / "root"
     unit = (root / "etc/systemd/system/scalarium-agent.service").read_text()
     assert f"{root}/opt/scalarium/agent.py --config {root}/etc/scalarium/agent.json" in unit
+
+
+@pytest.mark.parametrize(
+    ("env_root", "arg_root", "foreground", "installed_in", "agent_ran"),
+    [
+        ("env", None, "1", "env", True),
+        ("env", "arg", "1", "arg", True),  # an explicit --root beats SCALARIUM_ROOT
+        ("env", None, "", "env", False),  # without SCALARIUM_FOREGROUND=1 a unit is written
+    ],
+)
+def test_environment_gives_defaults_for_root_and_foreground(
+    stub: StubServer,
+    tmp_path: Path,
+    ca_file: str,
+    env_root: str,
+    arg_root: str | None,
+    foreground: str,
+    installed_in: str,
+    agent_ran: bool,
+) -> None:
+    """Unchanged user-data can run under a prefix without systemd: how the e2e test runs it."""
+    for name in ("env", "arg"):
+        (tmp_path / name).mkdir()
+    argv = ["bash", str(INSTALL), "--token", TOKEN, "--server", stub.url, "--chef", "skip"]
+    argv += ["--ca", ca_file] + (["--root", str(tmp_path / arg_root)] if arg_root else [])
+    env = dict(os.environ, SCALARIUM_AGENT_ONCE="1", SCALARIUM_ROOT=str(tmp_path / env_root))
+    env["SCALARIUM_FOREGROUND"] = foreground
+    result = subprocess.run(
+        argv, capture_output=True, text=True, env=env, timeout=120, stdin=subprocess.DEVNULL
+    )
+    assert result.returncode == 0, result.stderr
+    root = tmp_path / installed_in
+    assert (root / "etc/scalarium/agent.json").is_file()
+    assert not (tmp_path / ({"env", "arg"} - {installed_in}).pop() / "etc").exists()
+    assert (len(stub.state.heartbeats) == 1) is agent_ran
+    assert (root / "etc/systemd/system/scalarium-agent.service").exists() is not agent_ran
