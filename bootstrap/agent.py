@@ -1227,6 +1227,10 @@ def enroll(
 # --- process entry point -------------------------------------------------------------------------
 
 
+# On SIGTERM, how long the loop may take to kill a chef run and report it before the exit.
+FAST_STOP_GRACE_SECONDS = 5.0
+
+
 def run(config_path: str, once: bool = False) -> int:
     """Run the agent until stopped; return the process exit status."""
     stop, fast_stop, reload = threading.Event(), threading.Event(), threading.Event()
@@ -1251,16 +1255,30 @@ def run(config_path: str, once: bool = False) -> int:
     if once:
         agent.loop()
         return 0 if agent.failures == 0 else 1
-    while not stop.is_set():
-        if reload.is_set():
-            reload.clear()
-            try:
-                agent.reload(load_config(config_path))
-            except ConfigError as exc:
-                log.error("instance %s: reload refused: %s", config.instance_id, exc)
-        delay = agent.loop()
-        if delay > 0:
-            stop.wait(delay)
+
+    def work() -> None:
+        while not stop.is_set():
+            if reload.is_set():
+                reload.clear()
+                try:
+                    agent.reload(load_config(config_path))
+                except ConfigError as exc:
+                    log.error("instance %s: reload refused: %s", config.instance_id, exc)
+            delay = agent.loop()
+            if delay > 0:
+                stop.wait(delay)
+
+    # The loop runs in its own thread so that SIGTERM is honoured at once: a long poll blocked
+    # in a socket read cannot be interrupted, but the main thread can stop waiting for it.
+    worker = threading.Thread(target=work, name="agent-loop", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+        if fast_stop.is_set():
+            if agent.running_command is not None:
+                # A running chef is being killed and reported by the loop: give it a moment.
+                worker.join(FAST_STOP_GRACE_SECONDS)
+            break
     log.info(
         "instance %s: agent stopped%s", config.instance_id, " (retired)" if agent.retired else ""
     )

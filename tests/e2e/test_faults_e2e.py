@@ -129,3 +129,19 @@ def test_agents_reconnect_after_the_server_restarts_and_no_command_is_lost(
     for name in ("web1", "web2"):
         ran = [r for r in runs(cluster.hosts[name]) if r["activity"] == "execute_recipes"]
         assert len(ran) == 1 and ran[0]["recipes"] == ["app::deploy"], name
+
+
+def test_an_agent_in_a_long_poll_stops_at_once_on_sigterm(
+    net: TestNet, server: E2EServer, worker: Any, tmp_path: Path
+) -> None:
+    cluster = Cluster(server, tmp_path)
+    host = net[0]
+    cluster.start(host, "web1", "app")
+    cluster.online("web1")
+    time.sleep(1.5)  # idle: the agent waits in a long poll the server holds for many seconds
+    pid = agent_pid(host)
+    assert pid is not None
+    started = time.monotonic()
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: agent_pid(host) is None, "the agent to exit", timeout=10)
+    assert time.monotonic() - started < 3
