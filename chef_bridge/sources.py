@@ -124,12 +124,6 @@ def fetch_source(
 ) -> FetchedSource:
     """Fetch ``source`` into ``dest`` (absent or an empty directory) and say what was fetched."""
     kind = _source_type(source)
-    if kind is SourceType.CHEF_SERVER:
-        raise SourceError(
-            "cookbooks on a Chef Server are fetched by chef_bridge.chef_server, not as a tree",
-            "not_supported_here",
-            {"type": kind.value},
-        )
     url = _text(source, "url")
     if not url:
         raise SourceError("the source has no url", "invalid_source")
@@ -145,6 +139,10 @@ def fetch_source(
             _check_tree(tree, max_bytes)
         elif kind is SourceType.DIRECTORY:
             revision = _copy_directory(_local_path(url), tree, max_bytes, deadline)
+        elif kind is SourceType.CHEF_SERVER:
+            imported = staging / "imported"
+            _import_chef_server(source, url, imported, deadline, report)
+            revision = _copy_directory(imported, tree, max_bytes, deadline)
         else:
             download = staging / "download"
             if kind is SourceType.ARCHIVE:
@@ -623,6 +621,41 @@ def _local_path(url: str) -> Path:
     if not path.is_dir():
         raise SourceError(f"{path} is not a directory", "source_unreachable")
     return path
+
+
+def _import_chef_server(
+    source: Mapping[str, Any], url: str, dest: Path, deadline: _Deadline, report: Progress
+) -> None:
+    """Copy a Chef Server's cookbooks, roles, environments and data bags into a chef-repo.
+
+    The source names the server (``url``, with ``/organizations/ORG`` for Chef Infra Server),
+    the client to sign as (``username``) and that client's private key (``ssh_key``).
+    """
+    from chef_bridge.auth import AuthError
+    from chef_bridge.chef_import import ChefImportError, import_from_server
+    from chef_bridge.chef_server import ChefServerClient, ChefServerError
+
+    client_name, key = _text(source, "username"), _text(source, "ssh_key")
+    if not client_name or not key:
+        raise SourceError(
+            "a chef_server source needs username (the client name) and ssh_key (its key)",
+            "invalid_source",
+        )
+    try:
+        client = ChefServerClient(
+            url, client_name, key.encode(), timeout=max(1.0, min(60.0, deadline.remaining()))
+        )
+        import_from_server(client, dest, progress=report)
+    except ChefServerError as exc:
+        code = {
+            "unauthorized": "source_auth_failed",
+            "forbidden": "source_auth_failed",
+            "unreachable": "source_unreachable",
+            "server_error": "source_unreachable",
+        }.get(exc.code, "invalid_source")
+        raise SourceError(f"chef server: {exc}", code, {"status": exc.status}) from None
+    except (ChefImportError, AuthError) as exc:
+        raise SourceError(f"chef server: {exc}", "invalid_source") from None
 
 
 def _copy_directory(src: Path, dst: Path, max_bytes: int, deadline: _Deadline) -> str:

@@ -820,7 +820,7 @@ def test_directory_larger_than_the_cap_is_refused(tmp_path: Path) -> None:
     [
         (
             {"type": "chef_server", "url": "https://chef.example.invalid/organizations/o"},
-            "not_supported_here",
+            "invalid_source",
         ),
         ({"type": "svn", "url": "svn://x"}, "invalid_source"),
         ({"type": "git"}, "invalid_source"),
