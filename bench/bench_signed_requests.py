@@ -1,6 +1,7 @@
 """Benchmark: signed agent heartbeats per second through the HTTP stack, vs. an unsigned no-op.
 
-Run from the repository root: ``.venv/bin/python bench/bench_signed_requests.py [--seconds 5]``.
+Run from the repository root: ``.venv/bin/python bench/bench_signed_requests.py [--seconds 5]
+[--worker-class gevent|gthread]``.
 It starts ``scalarium server`` (gunicorn, embedded defaults: SQLite and the embedded Redis) on a
 free loopback port in a temporary data dir, enrolls ``--agents`` instances over HTTP, pre-signs
 every heartbeat (replays are refused, so each request carries its own signature), then drives
@@ -174,6 +175,7 @@ def main() -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--web-workers", type=int, default=2)
     parser.add_argument("--web-threads", type=int, default=8)
+    parser.add_argument("--worker-class", default="gevent", choices=["gevent", "gthread"])
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="scalarium-bench-") as tmp:
@@ -185,6 +187,7 @@ def main() -> None:
                 "SCALARIUM_BIND": f"127.0.0.1:{port}",
                 "SCALARIUM_WEB_WORKERS": str(args.web_workers),
                 "SCALARIUM_WEB_THREADS": str(args.web_threads),
+                "SCALARIUM_WEB_WORKER_CLASS": args.worker_class,
                 "SCALARIUM_LOG_LEVEL": "WARNING",
             }
         )
@@ -266,9 +269,12 @@ def main() -> None:
                 server.wait()
             embedded.stop(redis_child, settings)
 
+    per_worker = (
+        f"{args.web_threads} threads" if args.worker_class == "gthread" else "gevent greenlets"
+    )
     print(
         f"\n{args.clients} client connections, gunicorn {args.web_workers} workers x "
-        f"{args.web_threads} threads, SQLite + embedded Redis, {os.cpu_count()} CPUs shared "
+        f"{per_worker}, SQLite + embedded Redis, {os.cpu_count()} CPUs shared "
         "by clients and server"
     )
     rates = {}

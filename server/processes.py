@@ -1,4 +1,21 @@
-"""The long-running processes: server, worker, scheduler, and `up`, which runs them all."""
+"""The long-running processes: server, worker, scheduler, and `up`, which runs them all.
+
+Why `scalarium server` runs gunicorn's gevent worker by default: an agent's long poll spends
+almost all its life waiting (up to 60 s) for a wake-up, and every node holds one open all the
+time. With gthread each waiting poll pins an OS thread, so 10,000 nodes would need 10,000
+threads (stacks, GIL hand-offs, and a thread pool sized by the fleet). With gevent a waiting
+poll is a parked greenlet of a few kilobytes on one event loop, and since server/wakeups.py
+gives each process one Redis subscription for all its waiters, it holds no Redis connection
+either: 10,000 concurrent polls fit in two worker processes on two cores. The CPU-bound parts
+(RSA verification, cryptography) run as before, one at a time per worker, which is what two
+cores allow anyway.
+
+What gevent's monkey patching needs from our stack (checked with bench/bench_fanout.py and
+bench/bench_signed_requests.py): redis-py, SQLAlchemy's pool and threading become cooperative
+by the patch; psycopg 3 picks a cooperative wait function only when it is imported after the
+patch, so the worker re-picks it (`cooperative_psycopg`); SQLite calls run blocking, which is
+fine for its short local queries. SCALARIUM_WEB_WORKER_CLASS=gthread keeps the threaded server.
+"""
 
 from __future__ import annotations
 
@@ -64,8 +81,34 @@ def server_tls(settings: Settings) -> tuple[Path, Path] | None:
     return pki.load_or_create_server_tls(settings.pki_dir, ca, tls_hostnames(settings))
 
 
+def worker_options(settings: Settings) -> dict[str, Any]:
+    """gunicorn's worker settings for the configured worker class."""
+    if settings.web_worker_class == "gthread":
+        return {"worker_class": "gthread", "threads": settings.web_threads}
+    return {"worker_class": "gevent", "worker_connections": settings.web_connections}
+
+
+def cooperative_psycopg() -> bool:
+    """Under gevent, make psycopg wait through the patched select (True when it was changed).
+
+    psycopg chooses its wait function when it is first imported; when the gunicorn master
+    imported it (migrations on PostgreSQL) before the worker patched select, the workers
+    inherit the C wait, which blocks the whole event loop during every query.
+    """
+    waiting = sys.modules.get("psycopg.waiting")
+    monkey = sys.modules.get("gevent.monkey")
+    if waiting is None or monkey is None or not monkey.is_module_patched("select"):
+        return False
+    if getattr(waiting, "wait_c", None) is None or waiting.wait is not waiting.wait_c:
+        return False
+    # psycopg's own choice once select is patched (waiting.py): poll through gevent's hub.
+    setattr(waiting, "wait", waiting.wait_poll)  # noqa: B010
+    setattr(waiting, "_ready", waiting._ready_poll)  # noqa: B010
+    return True
+
+
 def run_server(settings: Settings) -> None:
-    """Serve the app with gunicorn (threads: long polls wait on I/O, not CPU)."""
+    """Serve the app with gunicorn (gevent by default: long polls wait on I/O, not CPU)."""
     from gunicorn.app.base import BaseApplication
 
     tls = server_tls(settings)
@@ -75,8 +118,7 @@ def run_server(settings: Settings) -> None:
             options: dict[str, Any] = {
                 "bind": settings.bind,
                 "workers": settings.web_workers,
-                "worker_class": "gthread",
-                "threads": settings.web_threads,
+                **worker_options(settings),
                 "timeout": 120,
                 "graceful_timeout": 10,
                 "control_socket_disable": True,
@@ -92,8 +134,11 @@ def run_server(settings: Settings) -> None:
                 self.cfg.set(key, value)
 
         def load(self) -> Any:
+            # In the worker, after gevent's patch (gunicorn loads the app after forking).
             from server.app import create_app
 
+            if cooperative_psycopg():
+                log.debug("server: psycopg switched to the gevent-friendly wait")
             return create_app(settings)
 
     Server().run()

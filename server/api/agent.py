@@ -40,16 +40,14 @@ from server.errors import Conflict, Invalid, NotFound, ScalariumError, Unavailab
 from server.keys import Keys
 from server.lifecycle import CommandTrigger, Trigger
 from server.models import Command, CommandType, Instance, InstanceState
-from server.queue import get_redis
+from server.queue import connect, get_redis
+from server.wakeups import Waiter, WakeupHub, publish_wake
 
 log = logging.getLogger(__name__)
 
 blueprint = Blueprint("agent_v1", __name__, url_prefix="/agent/v1")
 
 MAX_WAIT_SECONDS = 60
-# redis-py's socket timeout is 30 s: a longer BLPOP is cut into slices below it.
-WAIT_SLICE_SECONDS = 20.0
-WAKE_TTL_SECONDS = 2 * MAX_WAIT_SECONDS
 MAX_METRICS_BYTES = 16 * 1024
 # The database learns of heartbeats at most this often per instance (Redis: every beat).
 HEARTBEAT_PERSIST_SECONDS = 15
@@ -57,8 +55,13 @@ METRICS_TTL_SECONDS = 3600
 
 
 def init_app(app: Flask) -> None:
-    """Register the blueprint and the per-process cache of checked certificates."""
+    """Register the blueprint, the cache of checked certificates and the wake-up hub."""
     app.extensions["scalarium.verified_certificates"] = VerifiedCertificates()
+    settings = app.config["SCALARIUM"]
+    # Connects on the first waiting poll, in the process that serves it (after gunicorn forks).
+    app.extensions["scalarium.wakeups"] = WakeupHub(
+        lambda: connect(settings), app.extensions["scalarium.keys"]
+    )
     app.register_blueprint(blueprint)
 
 
@@ -71,25 +74,32 @@ def _keys() -> Keys:
 
 
 def wake(connection: redis.Redis, instance_id: str, keys: Keys | None = None) -> None:
-    """End an instance's long poll (call after committing a queued command for it)."""
-    key = (keys or Keys()).agent_wake(instance_id)
-    pipe = connection.pipeline(transaction=True)
-    pipe.rpush(key, "1")
-    # One pending wake-up is as good as many; a stale one only costs the agent an early re-poll.
-    pipe.ltrim(key, 0, 0)
-    pipe.expire(key, WAKE_TTL_SECONDS)
-    pipe.execute()
+    """End an instance's long poll, whichever server holds it (call after the commit)."""
+    # One PUBLISH and no list key: a wake-up only matters to a poll that registered before
+    # reading the database (server/wakeups.py); any later poll reads the database first.
+    publish_wake(connection, instance_id, keys or Keys())
 
 
-def wait_for_wake(connection: redis.Redis, key: str, seconds: float) -> bool:
-    """Block until a wake-up is pushed on key or the time passes; tell whether one came."""
+def get_wakeups(app: Flask) -> WakeupHub:
+    """This process's wake-up hub (one Redis subscription shared by every waiting poll)."""
+    hub: WakeupHub = app.extensions["scalarium.wakeups"]
+    return hub
+
+
+def wait_for_wake(waiter: Waiter, instance_id: str, seconds: float) -> list[dict[str, Any]]:
+    """Wait up to `seconds` for a wake-up that brings a command; the commands found (or none).
+
+    A wake-up that finds nothing (a resync after a Redis reconnect, a command another poll took)
+    does not end the poll early: it goes back to waiting for the time left.
+    """
     deadline = time.monotonic() + seconds
     while True:
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        if connection.blpop([key], timeout=min(remaining, WAIT_SLICE_SECONDS)) is not None:
-            return True
+        if remaining <= 0 or not waiter.wait(remaining):
+            return []
+        found = queued_commands(instance_id)
+        if found:
+            return found
 
 
 # --- plumbing ---------------------------------------------------------------------------------
@@ -370,19 +380,15 @@ def queued_commands(instance_id: str) -> list[dict[str, Any]]:
 def commands(agent: AgentIdentity) -> Any:
     """Long poll: queued commands at once, else wait for a wake-up or ?wait= seconds."""
     wait = parse_wait(request.args.get("wait"))
+    # Nothing of the signature check stays open while the poll waits.
     db.session().commit()
-    connection = get_redis(current_app)
-    key = _keys().agent_wake(agent.instance_id)
-    try:
-        # Dropped before the query: a command committed after the query pushes a new wake-up.
-        connection.delete(key)
+    if wait == 0:
+        return jsonify({"commands": queued_commands(agent.instance_id)})
+    # Registered before the database is read: a command committed after the read wakes us.
+    with get_wakeups(current_app).waiter(agent.instance_id) as waiter:
         found = queued_commands(agent.instance_id)
-        if not found and wait > 0 and wait_for_wake(connection, key, wait):
-            found = queued_commands(agent.instance_id)
-    except redis.RedisError as exc:
-        raise Unavailable(
-            f"wake-ups unavailable: {type(exc).__name__}", code="redis_unavailable"
-        ) from None
+        if not found:
+            found = wait_for_wake(waiter, agent.instance_id, wait)
     return jsonify({"commands": found})
 
 

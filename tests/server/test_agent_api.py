@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import importlib.util
 import json
 import shlex
@@ -575,17 +576,30 @@ def test_poll_returns_queued_commands_at_once(app: Flask, node: Node) -> None:
     # One command at a time, oldest first; the configure waits its turn.
     assert [c["id"] for c in commands] == [first]
     assert second != first
+    # The stack had no bundle: one was built (the built-in base cookbook) before delivery.
+    sha = commands[0]["bundle_sha256"]
+    assert isinstance(sha, str) and len(sha) == 64
     assert commands[0] == {
         "id": first,
         "type": "setup",
         "deployment_id": None,
         "cluster_version": 0,
         "node_json_url": f"/agent/v1/commands/{first}/node.json",
-        "bundle_url": None,
-        "bundle_sha256": None,
+        "bundle_url": f"/agent/v1/bundles/{sha}.tar.gz",
+        "bundle_sha256": sha,
         "timeout": 900,
         "args": {},
     }
+    bundle = node.signed("GET", f"/agent/v1/bundles/{sha}.tar.gz")
+    assert bundle.status_code == 200 and bundle.headers["ETag"].strip('"') == sha
+    assert hashlib.sha256(bundle.data).hexdigest() == sha
+    bundle.close()
+    earlier = format_time(datetime.now(UTC) - timedelta(seconds=5))
+    again = node.signed("GET", f"/agent/v1/bundles/{sha}.tar.gz", timestamp=earlier)
+    assert again.status_code == 200  # signed anew (another second): not a replay
+    again.close()
+    missing = node.signed("GET", "/agent/v1/bundles/" + "0" * 64 + ".tar.gz")
+    assert missing.status_code == 404 and missing.get_json()["error"]["code"] == "bundle_not_found"
 
 
 def test_poll_returns_nothing_after_the_wait(node: Node) -> None:
