@@ -44,3 +44,7 @@ class Keys:
     def agent_version(self, instance_id: str) -> str:
         """The agent version an instance reported last."""
         return f"{self.prefix}:agent-version:{instance_id}"
+
+    def wake_channel(self) -> str:
+        """The pub/sub channel every server process listens on for agent wake-ups."""
+        return f"{self.prefix}:agent:wakeups"

@@ -55,6 +55,15 @@ class Hooks:
     wake: Callable[[str], None]
     enqueue_fanout: Callable[[str], None]
     machine_action: Callable[[str, str], None]
+    wake_many: Callable[[list[str]], None] | None = None
+
+    def wake_all(self, instance_ids: list[str]) -> None:
+        """Wake many instances at once (one round trip when the hooks can batch)."""
+        if self.wake_many is not None:
+            self.wake_many(instance_ids)
+        else:
+            for instance_id in instance_ids:
+                self.wake(instance_id)
 
 
 _hooks: Hooks | None = None
@@ -259,8 +268,8 @@ def fanout_configure(session: Session, stack_id: str) -> dict[str, Any]:
         )
     stack.fanout_version = version
     session.flush()
-    for instance_id in created:
-        after_commit(session, lambda i=instance_id: hooks().wake(i))  # type: ignore[misc]
+    if created:
+        after_commit(session, lambda: hooks().wake_all(created))
     return {
         "stack_id": stack_id,
         "version": version,

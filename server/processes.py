@@ -146,10 +146,13 @@ def run_server(settings: Settings) -> None:
 
 def run_worker(settings: Settings, *, burst: bool = False) -> None:
     """Run an RQ worker on Scalarium's queues."""
-    from rq import Worker
+    from rq import SimpleWorker
 
     connection = connect(settings)
-    worker = Worker(list(QUEUE_NAMES), connection=connection)
+    # Jobs run in the worker process itself rather than a fork per job: a fan-out then finds
+    # its database engine and Redis client warm, which is most of its latency. Jobs are short
+    # and idempotent, and a crashed worker is restarted by whatever supervises it.
+    worker = SimpleWorker(list(QUEUE_NAMES), connection=connection)
     worker.work(burst=burst, logging_level=settings.log_level)
 
 

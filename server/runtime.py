@@ -61,7 +61,7 @@ def enqueue_fanout(connection: redis.Redis, keyset: Keys, stack_id: str) -> None
 def hooks_for(connection: redis.Redis, keyset: Keys) -> Any:
     """Orchestrator hooks that reach agents, the queue and providers through this Redis."""
     from server import orchestrator, providers
-    from server.api.agent import wake
+    from server.api.agent import wake, wake_many
     from server.queue import enqueue
 
     return orchestrator.Hooks(
@@ -70,6 +70,7 @@ def hooks_for(connection: redis.Redis, keyset: Keys) -> Any:
         machine_action=lambda instance_id, action: enqueue(
             connection, providers.provider_action, instance_id, action
         ),
+        wake_many=lambda instance_ids: wake_many(connection, instance_ids, keyset),
     )
 
 

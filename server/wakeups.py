@@ -50,8 +50,7 @@ IDLE_SECONDS = 60.0
 
 def wake_channel(keys: Keys) -> str:
     """The pub/sub channel every server process listens on for agent wake-ups."""
-    # TODO(lead): move next to Keys.agent_wake in server/keys.py (one place for Redis names).
-    return f"{keys.prefix}:agent:wakeups"
+    return keys.wake_channel()
 
 
 def publish_wake(connection: Any, instance_id: str, keys: Keys) -> None:

@@ -80,6 +80,14 @@ def wake(connection: redis.Redis, instance_id: str, keys: Keys | None = None) ->
     publish_wake(connection, instance_id, keys or Keys())
 
 
+def wake_many(connection: redis.Redis, instance_ids: list[str], keys: Keys | None = None) -> None:
+    """End the long polls of many instances in one round trip (a fan-out's wake-ups)."""
+    pipe = connection.pipeline(transaction=False)
+    for instance_id in instance_ids:
+        publish_wake(pipe, instance_id, keys or Keys())
+    pipe.execute()
+
+
 def get_wakeups(app: Flask) -> WakeupHub:
     """This process's wake-up hub (one Redis subscription shared by every waiting poll)."""
     hub: WakeupHub = app.extensions["scalarium.wakeups"]

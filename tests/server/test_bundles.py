@@ -37,6 +37,7 @@ from server.errors import Conflict, Invalid, ScalariumError, Unavailable
 from server.keys import Keys
 from server.models import Command, Deployment, Event, Instance, InstanceState, Role, Stack
 from server.vault import Vault
+from server.wakeups import wake_channel
 from tests.conftest import REDIS_URL, Api
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cookbooks"
@@ -450,6 +451,8 @@ def test_update_cookbooks_builds_and_sends_the_bundle_to_online_instances(
     assert admin.ok("GET", f"/stacks/{stack_id}/bundle")["sha256"] is None
     answer = admin.ok("POST", f"/stacks/{stack_id}/update-cookbooks", status=202)
     assert answer["status"] == "queued" and answer["job_id"]
+    listener = redis_client.pubsub()
+    listener.subscribe(wake_channel(Keys()))
     worker_env.work(burst=True)
     job = Job.fetch(answer["job_id"], connection=redis_client)
     assert job is not None and job.get_status(refresh=True) == "finished"
@@ -468,7 +471,12 @@ def test_update_cookbooks_builds_and_sends_the_bundle_to_online_instances(
             select(Command.instance_id).where(Command.deployment_id == deployment.id)
         ).all()
         assert targets == [online]
-    assert redis_client.llen(Keys().agent_wake(online)) >= 1  # the agent was woken
+    woken = []  # the agent was woken: a wake-up for it went out on the channel
+    while (message := listener.get_message(timeout=1)) is not None:
+        if message["type"] == "message":
+            woken.append(message["data"].decode())
+    listener.close()
+    assert woken == [online]
 
 
 def test_update_cookbooks_failure_is_recorded_with_its_code(
