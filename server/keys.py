@@ -21,10 +21,6 @@ class Keys:
         """Written by the health check to prove Redis accepts writes."""
         return f"{self.prefix}:health"
 
-    def agent_wake(self, instance_id: str) -> str:
-        """A list an instance's long poll blocks on; one push ends the wait."""
-        return f"{self.prefix}:agent:wake:{instance_id}"
-
     def seen_signature(self, signature_id: str) -> str:
         """Set once per accepted signed request, until its timestamp leaves the skew window."""
         return f"{self.prefix}:agent:sig:{signature_id}"
