@@ -6,12 +6,13 @@ happen after the commit (agent wake-ups, jobs). Callers commit.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from server import events
@@ -243,17 +244,21 @@ def fanout_configure(session: Session, stack_id: str) -> dict[str, Any]:
         )
         session.add(deployment)
         session.flush()
-        for new in plan.create:
-            session.add(
-                Command(
-                    deployment_id=deployment.id,
-                    instance_id=new.instance_id,
-                    type=CommandType.CONFIGURE.value,
-                    cluster_version=version,
-                    args={},
-                )
-            )
-            created.append(new.instance_id)
+        # One multi-row INSERT: a fan-out to thousands of instances is on the latency path.
+        session.execute(
+            insert(Command),
+            [
+                {
+                    "deployment_id": deployment.id,
+                    "instance_id": new.instance_id,
+                    "type": CommandType.CONFIGURE.value,
+                    "cluster_version": version,
+                    "args": {},
+                }
+                for new in plan.create
+            ],
+        )
+        created.extend(new.instance_id for new in plan.create)
         events.record(
             session,
             "stack.configure",
@@ -333,6 +338,95 @@ def next_command(session: Session, instance: Instance) -> Command | None:
     if choice.run is None:
         return None
     return session.get(Command, choice.run.id)
+
+
+@dataclass(frozen=True)
+class QueuedCommand:
+    """A queued command as the delivery fast path reads it (no ORM object)."""
+
+    id: str
+    type: str
+    deployment_id: str | None
+    cluster_version: int
+    timeout_seconds: int
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What one read found for an idle agent: the command to hand over and the stack's bundle.
+
+    `settled` is False when handing a command over needs writes first (a waiting configure to
+    supersede): the caller then takes the slower path, next_command.
+    """
+
+    command: QueuedCommand | None
+    bundle_sha256: str | None
+    settled: bool
+
+
+_LAST_CONFIGURE_STATES = (
+    CommandStatus.RUNNING.value,
+    CommandStatus.SUCCESSFUL.value,
+    CommandStatus.FAILED.value,
+    CommandStatus.TIMED_OUT.value,
+)
+
+
+@functools.cache
+def _delivery_statement() -> Any:
+    """The delivery query, built once: building SQLAlchemy expressions per poll costs more than
+    running the query."""
+    wanted: Any = bindparam("instance_id")
+    last = (
+        select(func.max(Command.cluster_version))
+        .where(
+            Command.instance_id == wanted,
+            Command.type == CommandType.CONFIGURE.value,
+            Command.status.in_(_LAST_CONFIGURE_STATES),
+        )
+        .scalar_subquery()
+    )
+    return (
+        select(
+            Command.id,
+            Command.type,
+            Command.deployment_id,
+            Command.cluster_version,
+            Command.timeout_seconds,
+            Command.args,
+            Stack.bundle_sha256,
+            last,
+        )
+        .join(Instance, Instance.id == Command.instance_id)
+        .join(Stack, Stack.id == Instance.stack_id)
+        .where(Command.instance_id == wanted, Command.status == CommandStatus.QUEUED.value)
+        .order_by(Command.created_at, Command.id)
+    )
+
+
+def peek_delivery(session: Session, instance_id: str) -> Delivery:
+    """The next command for an idle agent in one query, when no write is needed to choose it.
+
+    Every woken long poll comes here: a fan-out to N agents costs N of these reads, so this is
+    the lean path (one prepared SELECT, no ORM objects); next_command remains the path that
+    writes.
+    """
+    rows = session.execute(_delivery_statement(), {"instance_id": instance_id}).all()
+    if not rows:
+        return Delivery(None, None, True)
+    bundle = rows[0][6]
+    commands = [QueuedCommand(r[0], r[1], r[2], r[3], r[4], r[5] or {}) for r in rows]
+    others = [c for c in commands if c.type != CommandType.CONFIGURE]
+    if others:
+        return Delivery(others[0], bundle, True)
+    choice = next_to_run(
+        instance_id, rows[0][7], [ConfigureRef(c.id, c.cluster_version) for c in commands]
+    )
+    if choice.supersede:
+        return Delivery(None, bundle, False)
+    chosen = next((c for c in commands if choice.run and c.id == choice.run.id), None)
+    return Delivery(chosen, bundle, True)
 
 
 # ---------------------------------------------------------------- command progress

@@ -107,6 +107,27 @@ def cooperative_psycopg() -> bool:
     return True
 
 
+def _agent_noise(path: str, status: int) -> bool:
+    """Successful agent heartbeats and polls: thousands a minute, logged only when they fail."""
+    return status < 400 and path.startswith(("/agent/v1/heartbeat", "/agent/v1/commands"))
+
+
+try:
+    from gunicorn.glogging import Logger as _GunicornLogger
+except ImportError:  # pragma: no cover - gunicorn is a dependency
+    _GunicornLogger = object  # type: ignore[assignment,misc]
+
+
+class AccessLogger(_GunicornLogger):  # type: ignore[misc,valid-type]
+    """gunicorn's logger, without the access lines of successful agent traffic."""
+
+    def access(self, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
+        status = getattr(resp, "status_code", None) or int(str(resp.status).split()[0])
+        if _agent_noise(environ.get("PATH_INFO", ""), int(status)):
+            return
+        super().access(resp, req, environ, request_time)
+
+
 def run_server(settings: Settings) -> None:
     """Serve the app with gunicorn (gevent by default: long polls wait on I/O, not CPU)."""
     from gunicorn.app.base import BaseApplication
@@ -127,6 +148,7 @@ def run_server(settings: Settings) -> None:
                 "loglevel": settings.log_level.lower(),
                 # Query strings are not logged: webhook and install URLs may carry secrets.
                 "access_log_format": '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms',
+                "logger_class": "server.processes.AccessLogger",
             }
             if tls is not None:
                 options["certfile"], options["keyfile"] = str(tls[0]), str(tls[1])
@@ -153,6 +175,14 @@ def run_worker(settings: Settings, *, burst: bool = False) -> None:
     # its database engine and Redis client warm, which is most of its latency. Jobs are short
     # and idempotent, and a crashed worker is restarted by whatever supervises it.
     worker = SimpleWorker(list(QUEUE_NAMES), connection=connection)
+    # Warm up before the first job: imports, the database engine and its first connection.
+    from sqlalchemy import text
+
+    from server import jobs, runtime  # noqa: F401
+
+    runtime.install_orchestrator_hooks()
+    with runtime.database().session() as session:
+        session.execute(text("SELECT 1"))
     worker.work(burst=burst, logging_level=settings.log_level)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
@@ -21,11 +22,19 @@ def load_or_create_key(data_dir: Path, configured: str = "") -> bytes:
     if path.exists():
         return path.read_bytes().strip()
     data_dir.mkdir(parents=True, exist_ok=True)
-    key = Fernet.generate_key()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(key)
-    return key
+    # Several processes may start at once (gunicorn workers): the key is written whole to a
+    # private temporary file and linked into place, so every process ends up with one key.
+    fd, temporary = tempfile.mkstemp(dir=data_dir, prefix=".secret.key.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(Fernet.generate_key())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass
+    finally:
+        os.unlink(temporary)
+    return path.read_bytes().strip()
 
 
 class Vault:

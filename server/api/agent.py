@@ -27,7 +27,7 @@ from server.agent_auth import (
     record_refusal,
 )
 from server.api.registry import read_json
-from server.bundles import BASE_RECIPES, ensure_stack_bundle
+from server.bundles import BASE_RECIPES, bundle_path, ensure_stack_bundle
 from server.db import get_database, utcnow
 from server.enrollment import (
     EnrollmentRefused,
@@ -346,7 +346,9 @@ def parse_wait(raw: str | None) -> int:
     return min(int(raw), MAX_WAIT_SECONDS)
 
 
-def command_document(command: Command, bundle_sha256: str | None) -> dict[str, Any]:
+def command_document(
+    command: Command | orchestrator.QueuedCommand, bundle_sha256: str | None
+) -> dict[str, Any]:
     """A queued command as the agent receives it."""
     prefix = blueprint.url_prefix
     return {
@@ -365,17 +367,25 @@ def command_document(command: Command, bundle_sha256: str | None) -> dict[str, A
 def queued_commands(instance_id: str) -> list[dict[str, Any]]:
     """The next command the instance should run, if any (ends the transaction)."""
     session = db.session()
-    instance = session.get(Instance, instance_id)
+    settings = current_app.config["SCALARIUM"]
     found: list[dict[str, Any]] = []
-    if instance is not None:
-        command = orchestrator.next_command(session, instance)
-        if command is not None:
+    delivery = orchestrator.peek_delivery(session, instance_id)
+    bundle = delivery.bundle_sha256
+    if (
+        delivery.settled
+        and delivery.command is not None
+        and bundle is not None
+        and bundle_path(settings, bundle)
+    ):
+        found.append(command_document(delivery.command, bundle))
+    elif not delivery.settled or delivery.command is not None:
+        # The slow path: supersede stale configures, or build a missing bundle first.
+        instance = session.get(Instance, instance_id)
+        command = orchestrator.next_command(session, instance) if instance else None
+        if instance is not None and command is not None:
             session.commit()  # no write lock may be held while a missing bundle is built
             bundle = ensure_stack_bundle(
-                session,
-                instance.stack_id,
-                current_app.config["SCALARIUM"],
-                current_app.extensions["scalarium.vault"],
+                session, instance.stack_id, settings, current_app.extensions["scalarium.vault"]
             )
             found.append(command_document(command, bundle))
     # Never hold a transaction (or, on SQLite, a read snapshot) through the wait.

@@ -661,3 +661,25 @@ def test_events_are_written_in_the_same_transaction(app: Flask, admin: Api) -> N
     admin.ok("POST", "/stacks", {"shortname": "evt"})
     with get_database(app).session() as session:
         assert session.scalar(select(func.count()).select_from(Event)) == 1
+
+
+def test_processes_starting_together_share_one_secret_key(tmp_path: Any) -> None:
+    import threading
+
+    from server.vault import load_or_create_key
+
+    keys: list[bytes] = []
+    barrier = threading.Barrier(8)
+
+    def start() -> None:
+        barrier.wait()
+        keys.append(load_or_create_key(tmp_path))
+
+    threads = [threading.Thread(target=start) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(keys) == 8 and len(set(keys)) == 1
+    assert (tmp_path / "secret.key").stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["secret.key"]

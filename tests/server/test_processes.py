@@ -163,3 +163,22 @@ def test_worker_runs_the_prune_job_from_the_queue(
     runtime.database().dispose()
     runtime.redis_connection().close()
     runtime.reset()
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "logged"),
+    [
+        ("/agent/v1/heartbeat", 200, False),
+        ("/agent/v1/commands", 200, False),
+        ("/agent/v1/commands/abc/finish", 200, False),
+        ("/agent/v1/heartbeat", 401, True),
+        ("/agent/v1/enroll", 201, True),
+        ("/api/v1/stacks", 200, True),
+    ],
+)
+def test_successful_agent_traffic_stays_out_of_the_access_log(
+    path: str, status: int, logged: bool
+) -> None:
+    from server.processes import _agent_noise
+
+    assert _agent_noise(path, status) is not logged
