@@ -910,6 +910,13 @@ class Agent:
         if not isinstance(node, dict):
             raise AgentError("node.json is not an object", "bad_node_json")
         write_atomic(os.path.join(run_dir, "node.json"), json.dumps(node, indent=1).encode())
+        search_url = command.get("search_nodes_url")
+        if search_url:
+            answer = self.client.request("GET", self.client.server_path(str(search_url)))
+            found = answer.get("nodes") if isinstance(answer, dict) else None
+            if not isinstance(found, dict):
+                raise AgentError("search-nodes.json has no nodes object", "bad_search_nodes")
+            write_search_nodes(os.path.join(self.config.state_dir, "nodes"), found)
         if command.get("bundle_url"):
             bundle_dir = self.fetch_bundle(str(command["bundle_url"]), command.get("bundle_sha256"))
         else:
@@ -1225,6 +1232,28 @@ def enroll(
 
 
 # --- process entry point -------------------------------------------------------------------------
+
+
+SAFE_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def write_search_nodes(nodes_dir: str, nodes: dict[str, Any]) -> list[str]:
+    """Replace node_path's node files with the cluster's, so local-mode search sees exactly
+    the online instances (stale ones from an older picture are removed); returns the names."""
+    os.makedirs(nodes_dir, mode=0o700, exist_ok=True)
+    wanted = {}
+    for name, document in nodes.items():
+        if not isinstance(name, str) or not SAFE_NODE_NAME.match(name):
+            raise AgentError(f"unsafe node name {name!r}", "bad_search_nodes")
+        if not isinstance(document, dict):
+            raise AgentError(f"node {name} is not an object", "bad_search_nodes")
+        wanted[f"{name}.json"] = document
+    for existing in os.listdir(nodes_dir):
+        if existing.endswith(".json") and existing not in wanted:
+            os.unlink(os.path.join(nodes_dir, existing))
+    for filename, document in wanted.items():
+        write_atomic(os.path.join(nodes_dir, filename), json.dumps(document).encode())
+    return sorted(name[: -len(".json")] for name in wanted)
 
 
 # On SIGTERM, how long the loop may take to kill a chef run and report it before the exit.

@@ -357,6 +357,7 @@ def command_document(
         "deployment_id": command.deployment_id,
         "cluster_version": command.cluster_version,
         "node_json_url": f"{prefix}/commands/{command.id}/node.json",
+        "search_nodes_url": f"{prefix}/commands/{command.id}/search-nodes.json",
         "bundle_url": f"{prefix}/bundles/{bundle_sha256}.tar.gz" if bundle_sha256 else None,
         "bundle_sha256": bundle_sha256,
         "timeout": command.timeout_seconds,
@@ -469,6 +470,30 @@ def node_json(agent: AgentIdentity, command_id: str) -> Any:
     )
     document["scalarium"]["cluster_version"] = cluster["version"]
     return current_app.response_class(nj.dumps(view, document), mimetype="application/json")
+
+
+@blueprint.get("/commands/<command_id>/search-nodes.json")
+@signed
+def search_nodes(agent: AgentIdentity, command_id: str) -> Any:
+    """One Chef node document per online instance, for chef-solo local-mode `search(:node)`.
+
+    Keyed by the file name the agent writes under node_path: other instances by hostname; this
+    instance by its own node name (its id), the file chef itself writes during the run, so that
+    search finds every instance exactly once.
+    """
+    from chef_bridge import node_json as nj
+    from server.cluster import cluster_input
+
+    session = db.session()
+    _own_command(session, agent, command_id)
+    view = nj.build_cluster(
+        cluster_input(session, agent.stack_id, current_app.extensions["scalarium.vault"])
+    )
+    nodes = nj.search_nodes(view)
+    own = view.instance_by_id[agent.instance_id]["hostname"]
+    if own in nodes:
+        nodes[agent.instance_id] = {**nodes.pop(own), "name": agent.instance_id}
+    return jsonify({"nodes": nodes})
 
 
 @blueprint.get("/bundles/<sha256>.tar.gz")

@@ -655,3 +655,19 @@ def test_config_document_round_trips_with_server_settings(tmp_path: Path) -> Non
     os.unlink(tmp_path / "agent.json")
     with pytest.raises(agent.ConfigError):
         agent.load_config(str(tmp_path / "agent.json"))
+
+
+def test_search_nodes_replace_the_node_files_and_refuse_unsafe_names(tmp_path: Path) -> None:
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
+    (nodes / "gone.json").write_text("{}")
+    (nodes / "notes.txt").write_text("kept: not a node file")
+    written = agent.write_search_nodes(str(nodes), {"lb1": {"name": "lb1"}, "i-1": {"name": "i-1"}})
+    assert written == ["i-1", "lb1"]
+    assert sorted(p.name for p in nodes.iterdir()) == ["i-1.json", "lb1.json", "notes.txt"]
+    assert json.loads((nodes / "lb1.json").read_text()) == {"name": "lb1"}
+    for bad in ("../etc/passwd", "a/b", "", ".hidden"):
+        with pytest.raises(agent.AgentError):
+            agent.write_search_nodes(str(nodes), {bad: {}})
+    with pytest.raises(agent.AgentError):
+        agent.write_search_nodes(str(nodes), {"ok": []})

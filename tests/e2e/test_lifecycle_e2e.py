@@ -227,6 +227,13 @@ def test_hosts_set_up_go_online_and_reconfigure_as_instances_join_and_leave(
         )
     lb_configure = [r for r in runs(cluster.hosts["lb1"]) if r["activity"] == "configure"][-1]
     assert lb_configure["recipes"] == ["lb::configure"]
+    # chef-solo's node_path holds one node per online instance, for local-mode search.
+    lb_root = cluster.hosts["lb1"].root
+    assert lb_root is not None
+    node_files = sorted(p.name for p in (lb_root / "var/lib/scalarium/nodes").glob("*.json"))
+    assert node_files == sorted(
+        ["web1.json", "web2.json", f"{cluster.instances['lb1']['id']}.json"]
+    )
 
     # A fourth instance joins: once online, all four configure and see it.
     cluster.start(net[3], "web3", "app")

@@ -585,6 +585,7 @@ def test_poll_returns_queued_commands_at_once(app: Flask, node: Node) -> None:
         "deployment_id": None,
         "cluster_version": 0,
         "node_json_url": f"/agent/v1/commands/{first}/node.json",
+        "search_nodes_url": f"/agent/v1/commands/{first}/search-nodes.json",
         "bundle_url": f"/agent/v1/bundles/{sha}.tar.gz",
         "bundle_sha256": sha,
         "timeout": 900,

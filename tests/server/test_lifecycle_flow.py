@@ -263,3 +263,26 @@ def test_heartbeats_reach_the_database_at_most_every_fifteen_seconds(
     with get_database(app).session() as session:
         row = session.get(Instance, node.instance_id)
         assert row is not None and seen is not None and row.last_heartbeat_at > seen
+
+
+def test_search_nodes_list_every_online_instance_once_and_this_one_by_its_node_name(
+    app: Flask, admin: Api, cluster: dict[str, Any], worker: Any
+) -> None:
+    lb = enroll(app, admin, cluster, "lb1", "lb", 60)
+    web = enroll(app, admin, cluster, "web1", "app", 61)
+    late = enroll(app, admin, cluster, "web2", "app", 62)  # enrolled, never online
+    bring_online(admin, lb)
+    bring_online(admin, web)
+    late.heartbeat()
+    worker()
+    (configure,) = web.poll()
+    response = web.signed("GET", configure["search_nodes_url"])
+    assert response.status_code == 200
+    nodes = response.get_json()["nodes"]
+    assert sorted(nodes) == sorted(["lb1", web.instance_id])
+    assert nodes["lb1"]["run_list"] == ["role[lb]"]
+    assert nodes["lb1"]["automatic"]["ipaddress"] == "10.0.0.60"
+    assert nodes[web.instance_id]["name"] == web.instance_id
+    assert nodes[web.instance_id]["automatic"]["roles"] == ["app"]
+    # Another instance's command is not this node's to read.
+    assert lb.signed("GET", configure["search_nodes_url"]).status_code == 404
