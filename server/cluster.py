@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any, cast
 
 from sqlalchemy import select
@@ -128,3 +129,51 @@ def cluster_input(session: Session, stack_id: str, vault: Vault) -> ClusterInput
         "instances": [instance_input(i) for i in instances],
         "apps": [app_input(a, vault) for a in apps],
     }
+
+
+def cluster_fingerprint(session: Session, stack_id: str) -> tuple[Any, ...]:
+    """What changes whenever anything in the stack's cluster picture does: its version and the
+    last change of its instances, layers and apps (three aggregate reads, no rows loaded)."""
+    from sqlalchemy import func
+
+    from server.models import Layer
+
+    version = tuple(
+        session.execute(
+            select(Stack.cluster_version, Stack.updated_at).where(Stack.id == stack_id)
+        ).one_or_none()
+        or ()
+    )
+    stamps = [
+        session.execute(
+            select(func.max(model.updated_at), func.count()).where(model.stack_id == stack_id)
+        ).one()
+        for model in (Instance, Layer, App)
+    ]
+    return (version, *(tuple(stamp) for stamp in stamps))
+
+
+class ViewCache:
+    """Cluster views per stack, reused while the stack's fingerprint is unchanged.
+
+    A configure fan-out sends N agents for their node JSON at once: each then costs a few
+    aggregate reads and its own small document, not a load of the whole cluster.
+    """
+
+    def __init__(self, limit: int = 64) -> None:
+        self.limit = limit
+        self._views: dict[str, tuple[tuple[Any, ...], Any]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, session: Session, stack_id: str, vault: Vault, build: Any) -> Any:
+        """The view of the stack's current picture (built with `build(cluster_input)`)."""
+        fingerprint = cluster_fingerprint(session, stack_id)
+        cached = self._views.get(stack_id)
+        if cached is not None and cached[0] == fingerprint:
+            return cached[1]
+        view = build(cluster_input(session, stack_id, vault))
+        with self._lock:
+            if len(self._views) >= self.limit:
+                self._views.clear()
+            self._views[stack_id] = (fingerprint, view)
+        return view

@@ -54,6 +54,15 @@ HEARTBEAT_PERSIST_SECONDS = 15
 METRICS_TTL_SECONDS = 3600
 
 
+def _views() -> Any:
+    views = current_app.extensions.get("scalarium.cluster_views")
+    if views is None:
+        from server.cluster import ViewCache
+
+        views = current_app.extensions.setdefault("scalarium.cluster_views", ViewCache())
+    return views
+
+
 def init_app(app: Flask) -> None:
     """Register the blueprint, the cache of checked certificates and the wake-up hub."""
     app.extensions["scalarium.verified_certificates"] = VerifiedCertificates()
@@ -289,6 +298,9 @@ def heartbeat(agent: AgentIdentity) -> Any:
         values: dict[str, Any] = {"metrics": metrics, "last_heartbeat_at": now}
         if agent_version is not None:
             values["agent_version"] = agent_version
+        # updated_at stays: a heartbeat is not a change of the cluster picture (server/cluster.py
+        # caches views by it).
+        values["updated_at"] = Instance.updated_at
         session.execute(update(Instance).where(Instance.id == agent.instance_id).values(**values))
     if not connecting:
         return jsonify({"ok": True, "status": agent.status})
@@ -324,7 +336,7 @@ def lock_instance(session: Any, instance_id: str) -> Instance:
     session.execute(
         update(Instance)
         .where(Instance.id == instance_id)
-        .values(status=Instance.status)
+        .values(status=Instance.status, updated_at=Instance.updated_at)
         .execution_options(synchronize_session=False)
     )
     instance = session.get(Instance, instance_id, populate_existing=True)
@@ -434,13 +446,15 @@ def _refusal(exc: orchestrator.CommandRefused) -> Conflict:
 def node_json(agent: AgentIdentity, command_id: str) -> Any:
     """The node JSON of one command: attributes, run list and the cluster picture."""
     from chef_bridge import node_json as nj
-    from server.cluster import cluster_input
 
     session = db.session()
     command = _own_command(session, agent, command_id)
-    vault = current_app.extensions["scalarium.vault"]
-    cluster = cluster_input(session, agent.stack_id, vault)
-    view = nj.build_cluster(cluster, base_recipes=BASE_RECIPES)
+    view = _views().get(
+        session,
+        agent.stack_id,
+        current_app.extensions["scalarium.vault"],
+        lambda cluster: nj.build_cluster(cluster, base_recipes=BASE_RECIPES),
+    )
     deployment = command.deployment
     event = command.type
     extra: list[str] | None = None
@@ -468,7 +482,7 @@ def node_json(agent: AgentIdentity, command_id: str) -> Any:
         sent_at=utcnow().isoformat().replace("+00:00", "Z"),
         extra_recipes=extra,
     )
-    document["scalarium"]["cluster_version"] = cluster["version"]
+    document["scalarium"]["cluster_version"] = view.scalarium.get("cluster_version")
     return current_app.response_class(nj.dumps(view, document), mimetype="application/json")
 
 
@@ -482,12 +496,14 @@ def search_nodes(agent: AgentIdentity, command_id: str) -> Any:
     search finds every instance exactly once.
     """
     from chef_bridge import node_json as nj
-    from server.cluster import cluster_input
 
     session = db.session()
     _own_command(session, agent, command_id)
-    view = nj.build_cluster(
-        cluster_input(session, agent.stack_id, current_app.extensions["scalarium.vault"])
+    view = _views().get(
+        session,
+        agent.stack_id,
+        current_app.extensions["scalarium.vault"],
+        lambda cluster: nj.build_cluster(cluster, base_recipes=BASE_RECIPES),
     )
     nodes = nj.search_nodes(view)
     own = view.instance_by_id[agent.instance_id]["hostname"]

@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from server import db, events
+from server import db, events, orchestrator
 from server.api import serialize
 from server.api.common import actor, count, owned, seal_environment, seal_source, stack_for
 from server.api.instances import layers_of_stack
@@ -85,6 +85,7 @@ def create_app_(stack_id: str, body: dict[str, Any]) -> dict[str, Any]:
     app = App(stack_id=stack.id, **body)
     session.add(app)
     session.flush()
+    orchestrator.request_configure(session, stack.id, reason="app.created")
     events.record(
         session,
         "app.created",
@@ -128,6 +129,7 @@ def update_app(app_id: str, body: dict[str, Any]) -> dict[str, Any]:
         body["source"] = seal_source(body["source"], app.source) or {}
     for key, value in body.items():
         setattr(app, key, value)
+    orchestrator.request_configure(session, app.stack_id, reason="app.updated")
     events.record(
         session,
         "app.updated",
@@ -147,6 +149,7 @@ def delete_app(app_id: str) -> dict[str, Any]:
     """Delete an app (manager)."""
     session = db.session()
     app = owned(session, App, app_id, "app_not_found", Role.MANAGER)
+    orchestrator.request_configure(session, app.stack_id, reason="app.deleted")
     events.record(
         session,
         "app.deleted",

@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from server import db, events
+from server import db, events, orchestrator
 from server.api import serialize
 from server.api.common import actor, count, owned, stack_for
 from server.api.registry import Page, paginated
@@ -150,6 +150,7 @@ def update_instance(instance_id: str, body: dict[str, Any]) -> dict[str, Any]:
         _ensure_unique_hostname(instance.stack_id, body["hostname"], exclude_id=instance.id)
     for key, value in body.items():
         setattr(instance, key, value)
+    orchestrator.request_configure(session, instance.stack_id, reason="instance.updated")
     events.record(
         session,
         "instance.updated",
@@ -202,7 +203,6 @@ _ACTIONS = {
 
 
 def _lifecycle_action(instance_id: str, action: str) -> dict[str, Any]:
-    from server import orchestrator
     from server.lifecycle import Trigger
 
     session = db.session()

@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from server import db, events
+from server import db, events, orchestrator
 from server.api import serialize
 from server.api.common import actor, count, owned, stack_for
 from server.api.registry import Page, paginated
@@ -66,6 +66,7 @@ def create_layer(stack_id: str, body: dict[str, Any]) -> dict[str, Any]:
     layer = Layer(stack_id=stack.id, **body)
     session.add(layer)
     session.flush()
+    orchestrator.request_configure(session, stack.id, reason="layer.created")
     events.record(
         session,
         "layer.created",
@@ -101,6 +102,7 @@ def update_layer(layer_id: str, body: dict[str, Any]) -> dict[str, Any]:
         _ensure_unique(layer.stack_id, body["shortname"], exclude_id=layer.id)
     for key, value in body.items():
         setattr(layer, key, value)
+    orchestrator.request_configure(session, layer.stack_id, reason="layer.updated")
     events.record(
         session,
         "layer.updated",
@@ -134,6 +136,7 @@ def delete_layer(layer_id: str) -> dict[str, Any]:
     for app in layer.stack.apps:
         if layer.id in app.layer_ids:
             app.layer_ids = [i for i in app.layer_ids if i != layer.id]
+    orchestrator.request_configure(session, layer.stack_id, reason="layer.deleted")
     events.record(
         session,
         "layer.deleted",

@@ -7,7 +7,7 @@ from typing import Any
 from flask import request
 from sqlalchemy import select
 
-from server import db, events
+from server import db, events, orchestrator
 from server.access import current_principal, require_admin
 from server.api import serialize
 from server.api.common import actor, count, seal_source, stack_for
@@ -146,6 +146,7 @@ def update_stack(stack_id: str, body: dict[str, Any]) -> dict[str, Any]:
         )
     for key, value in body.items():
         setattr(stack, key, value)
+    orchestrator.request_configure(session, stack.id, reason="stack.updated")
     events.record(
         session,
         "stack.updated",

@@ -286,3 +286,48 @@ def test_search_nodes_list_every_online_instance_once_and_this_one_by_its_node_n
     assert nodes[web.instance_id]["automatic"]["roles"] == ["app"]
     # Another instance's command is not this node's to read.
     assert lb.signed("GET", configure["search_nodes_url"]).status_code == 404
+
+
+def test_a_layer_or_app_change_reconfigures_the_online_instances_with_the_new_picture(
+    app: Flask, admin: Api, cluster: dict[str, Any], worker: Any
+) -> None:
+    web = enroll(app, admin, cluster, "web1", "app", 63)
+    bring_online(admin, web)
+    worker()
+    run_configures([web])
+    store = admin.ok("GET", f"/stacks/{cluster['stack']['id']}/apps")["items"][0]
+    admin.ok(
+        "PATCH", f"/apps/{store['id']}", {"environment": {"MODE": {"value": "blue"}}}, status=200
+    )
+    assert worker() == 1
+    docs = run_configures([web])
+    assert docs[web.instance_id]["deploy"]["store"]["environment_variables"] == {"MODE": "blue"}
+    admin.ok(
+        "PATCH",
+        f"/layers/{cluster['app']['id']}",
+        {"custom_json": {"tuning": {"workers": 4}}},
+        status=200,
+    )
+    worker()
+    docs = run_configures([web])
+    assert docs[web.instance_id]["tuning"] == {"workers": 4}
+
+
+def test_heartbeats_do_not_invalidate_the_cached_cluster_picture(
+    app: Flask, admin: Api, cluster: dict[str, Any]
+) -> None:
+    from server.cluster import cluster_fingerprint
+
+    web = enroll(app, admin, cluster, "web1", "app", 64)
+    bring_online(admin, web)
+    with get_database(app).session() as session:
+        before = cluster_fingerprint(session, cluster["stack"]["id"])
+    app.extensions["scalarium.redis"].delete(
+        app.extensions["scalarium.keys"].heartbeat_persisted(web.instance_id)
+    )
+    assert web.heartbeat().status_code == 200  # persisted to the database this time
+    with get_database(app).session() as session:
+        assert cluster_fingerprint(session, cluster["stack"]["id"]) == before
+        admin.ok("PATCH", f"/instances/{web.instance_id}", {"attributes": {"x": 1}}, status=200)
+    with get_database(app).session() as session:
+        assert cluster_fingerprint(session, cluster["stack"]["id"]) != before
