@@ -32,6 +32,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Protocol
 
+from chef_bridge.errors import ChefBridgeError
+
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
@@ -58,23 +60,10 @@ _READ_ERRORS = (
 )
 
 
-class ArchiveError(Exception):
+class ArchiveError(ChefBridgeError):
     """An archive that is refused or cannot be read: a machine-readable ``code`` and details."""
 
     code: str = "archive_invalid"
-
-    def __init__(
-        self, message: str, code: str | None = None, details: dict[str, Any] | None = None
-    ) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
-        self.details: dict[str, Any] = details or {}
-
-    @property
-    def message(self) -> str:
-        """The human-readable message."""
-        return str(self)
 
 
 class MemberKind(StrEnum):

@@ -12,7 +12,8 @@ This module depends on the standard library only, so that the node agent can emb
 from __future__ import annotations
 
 import re
-from typing import Any
+
+from chef_bridge.errors import ChefBridgeError
 
 LOG_LEVELS = ("trace", "debug", "info", "warn", "error", "fatal")
 # Relative to base_dir; the bundle's own layout (chef_bridge.bundle) for the first four.
@@ -32,23 +33,10 @@ _WORD = re.compile(r":?[A-Za-z_][A-Za-z0-9_]*")
 SoloValue = str | bool | None | list[str]
 
 
-class SoloError(Exception):
+class SoloError(ChefBridgeError):
     """A value that cannot go into solo.rb, or a line the reader does not understand."""
 
     code: str = "solo_error"
-
-    def __init__(
-        self, message: str, code: str | None = None, details: dict[str, Any] | None = None
-    ) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
-        self.details: dict[str, Any] = details or {}
-
-    @property
-    def message(self) -> str:
-        """The human-readable message."""
-        return str(self)
 
 
 def ruby_string(value: str) -> str:

@@ -11,26 +11,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
+
+from chef_bridge.errors import ChefBridgeError
 
 
-class CookbookError(Exception):
+class CookbookError(ChefBridgeError):
     """Base of every cookbook error: a machine-readable ``code`` and a ``details`` dict."""
 
     code: str = "cookbook_error"
-
-    def __init__(
-        self, message: str, code: str | None = None, details: dict[str, Any] | None = None
-    ) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
-        self.details: dict[str, Any] = details or {}
-
-    @property
-    def message(self) -> str:
-        """The human-readable message."""
-        return str(self)
 
 
 class VersionError(CookbookError):
