@@ -462,7 +462,9 @@ def test_update_cookbooks_builds_and_sends_the_bundle_to_online_instances(
     assert {c["name"]: c["version"] for c in shown["cookbooks"]} == EXPECTED_COOKBOOKS
     with get_database(app).session() as session:
         deployment = session.scalars(
-            select(Deployment).where(Deployment.stack_id == stack_id)
+            select(Deployment).where(
+                Deployment.stack_id == stack_id, Deployment.command == "update_custom_cookbooks"
+            )
         ).one()
         assert deployment.command == "update_custom_cookbooks"
         assert deployment.created_by == "token:admin"
@@ -476,7 +478,7 @@ def test_update_cookbooks_builds_and_sends_the_bundle_to_online_instances(
         if message["type"] == "message":
             woken.append(message["data"].decode())
     listener.close()
-    assert woken == [online]
+    assert set(woken) == {online}  # (a configure fan-out may wake it too)
 
 
 def test_update_cookbooks_failure_is_recorded_with_its_code(
@@ -493,7 +495,13 @@ def test_update_cookbooks_failure_is_recorded_with_its_code(
     ]
     with get_database(app).session() as session:
         assert (
-            session.scalars(select(Deployment).where(Deployment.stack_id == stack_id)).all() == []
+            session.scalars(
+                select(Deployment).where(
+                    Deployment.stack_id == stack_id,
+                    Deployment.command == "update_custom_cookbooks",
+                )
+            ).all()
+            == []
         )
 
 
@@ -530,8 +538,9 @@ def test_update_cookbooks_needs_a_manager_and_the_bundle_a_viewer(
     path = (
         f"/stacks/{stack_id}/update-cookbooks" if method == "POST" else f"/stacks/{stack_id}/bundle"
     )
+    before = Queue("default", connection=redis_client).job_ids
     as_role(stack_id, role).error(method, path, None, status, code)
-    assert Queue("default", connection=redis_client).count == 0
+    assert Queue("default", connection=redis_client).job_ids == before
 
 
 def test_a_viewer_sees_the_bundle_and_a_manager_queues_an_update(
@@ -540,8 +549,9 @@ def test_a_viewer_sees_the_bundle_and_a_manager_queues_an_update(
     stack_id = make_stack(admin, None, {})
     assert as_role(stack_id, Role.VIEWER).ok("GET", f"/stacks/{stack_id}/bundle")["cookbooks"] == []
     manager = as_role(stack_id, Role.MANAGER)
+    before = Queue("default", connection=redis_client).job_ids
     job = manager.ok("POST", f"/stacks/{stack_id}/update-cookbooks", status=202)
-    assert Queue("default", connection=redis_client).job_ids == [job["job_id"]]
+    assert Queue("default", connection=redis_client).job_ids == [*before, job["job_id"]]
 
 
 def test_base_recipes_name_the_builtin_base_cookbook() -> None:
