@@ -12,7 +12,7 @@ from server.api.common import actor, count, owned, stack_for
 from server.api.registry import Page, paginated
 from server.api.v1 import v1
 from server.errors import Conflict, Invalid
-from server.models import QUIESCENT_STATES, Instance, Layer, Role
+from server.models import QUIESCENT_STATES, Instance, InstanceState, Layer, Role
 from server.schemas import INSTANCE
 
 _FIELDS_WHILE_STOPPED = ("provider", "ami_id", "os")
@@ -150,7 +150,9 @@ def update_instance(instance_id: str, body: dict[str, Any]) -> dict[str, Any]:
         _ensure_unique_hostname(instance.stack_id, body["hostname"], exclude_id=instance.id)
     for key, value in body.items():
         setattr(instance, key, value)
-    orchestrator.request_configure(session, instance.stack_id, reason="instance.updated")
+    if instance.status == InstanceState.ONLINE:
+        # Only an online instance is part of the picture the others configure with.
+        orchestrator.request_configure(session, instance.stack_id, reason="instance.updated")
     events.record(
         session,
         "instance.updated",

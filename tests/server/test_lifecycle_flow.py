@@ -331,3 +331,25 @@ def test_heartbeats_do_not_invalidate_the_cached_cluster_picture(
         admin.ok("PATCH", f"/instances/{web.instance_id}", {"attributes": {"x": 1}}, status=200)
     with get_database(app).session() as session:
         assert cluster_fingerprint(session, cluster["stack"]["id"]) != before
+
+
+def test_editing_an_instance_reconfigures_the_cluster_only_when_it_is_online(
+    app: Flask, admin: Api, cluster: dict[str, Any]
+) -> None:
+    web = enroll(app, admin, cluster, "web1", "app", 65)
+    spare = admin.ok(
+        "POST",
+        f"/stacks/{cluster['stack']['id']}/instances",
+        {"hostname": "spare", "layer_ids": [cluster["app"]["id"]]},
+    )
+
+    def version() -> int:
+        return int(admin.ok("GET", f"/stacks/{cluster['stack']['id']}")["cluster_version"])
+
+    before = version()
+    admin.ok("PATCH", f"/instances/{spare['id']}", {"attributes": {"a": 1}}, status=200)
+    assert version() == before
+    bring_online(admin, web)
+    online = version()
+    admin.ok("PATCH", f"/instances/{web.instance_id}", {"attributes": {"a": 1}}, status=200)
+    assert version() == online + 1
