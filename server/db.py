@@ -69,6 +69,10 @@ def make_engine(url: str) -> Engine:
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA journal_mode=WAL")
+            # With WAL, NORMAL never corrupts the database and survives a crash of Scalarium;
+            # only a power loss may forget the last commits. SQLite is the laptop default,
+            # PostgreSQL the production one.
+            cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
 
