@@ -29,13 +29,11 @@ import asyncio
 import os
 import resource
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -47,6 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import json  # noqa: E402
 
+from common import api, free_port  # noqa: E402
+
 from chef_bridge.auth import sign_request  # noqa: E402
 from server import embedded, pki  # noqa: E402
 from server.config import load_settings  # noqa: E402
@@ -55,23 +55,6 @@ from server.enrollment import load_configured_ca  # noqa: E402
 from server.models import Instance, InstanceCertificate, Layer  # noqa: E402
 
 POLL = "/agent/v1/commands"
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def api(base: str, token: str, method: str, path: str, body: Any = None) -> Any:
-    """One REST call as the admin."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(base + "/api/v1" + path, data=data, method=method)
-    request.add_header("Authorization", f"Bearer {token}")
-    request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())
 
 
 @dataclass

@@ -18,7 +18,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,8 @@ from typing import Any
 # Benchmarks are scripts, not an installed package: make the repository importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common import api, free_port  # noqa: E402
+
 from chef_bridge.auth import format_time, sign_request  # noqa: E402
 from server import embedded, pki  # noqa: E402
 from server.config import load_settings  # noqa: E402
@@ -41,23 +42,6 @@ DEFAULTS = {"seconds": 5.0, "agents": 50, "clients": 16, "keys": 4, "rate_guess"
 HEARTBEAT = "/agent/v1/heartbeat"
 POLL = "/agent/v1/commands"
 Request = tuple[str, str, bytes, dict[str, str]]
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def api(base: str, token: str, method: str, path: str, body: Any = None) -> Any:
-    """One REST call as the admin."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(base + "/api/v1" + path, data=data, method=method)
-    request.add_header("Authorization", f"Bearer {token}")
-    request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
 
 
 def post_json(base: str, path: str, body: Any) -> Any:
