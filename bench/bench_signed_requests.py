@@ -24,7 +24,6 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,13 +31,27 @@ from typing import Any
 # Benchmarks are scripts, not an installed package: make the repository importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import api, free_port  # noqa: E402
+from common import (  # noqa: E402
+    api,
+    free_port,
+    group_cpu_seconds,
+    have_wrk,
+    pid_cpu_seconds,
+    raw_request,
+    wrk,
+)
 
 from chef_bridge.auth import format_time, sign_request  # noqa: E402
 from server import embedded, pki  # noqa: E402
 from server.config import load_settings  # noqa: E402
 
 DEFAULTS = {"seconds": 5.0, "agents": 50, "clients": 16, "keys": 4, "rate_guess": 4000}
+PHASES = {
+    "heartbeat": "signed heartbeat (POST /agent/v1/heartbeat)",
+    "poll": "signed poll (GET /agent/v1/commands?wait=0)",
+    "ping": "unsigned no-op (GET /agent/v1/ping)",
+    "health": "unsigned health (GET /api/v1/health)",
+}
 HEARTBEAT = "/agent/v1/heartbeat"
 POLL = "/agent/v1/commands"
 Request = tuple[str, str, bytes, dict[str, str]]
@@ -112,16 +125,28 @@ def presign_polls(enrolled: list[tuple[str, bytes]], count: int) -> list[Request
     return requests
 
 
-def drive(
-    port: int, clients: int, seconds: float, next_request: Callable[[], Request | None]
-) -> tuple[int, int, float]:
-    """Send requests from `clients` keep-alive connections for `seconds`; (ok, failed, elapsed)."""
+def drive_python(
+    port: int, clients: int, seconds: float, requests: list[Request]
+) -> dict[str, float]:
+    """Send `requests` in turn from `clients` Python keep-alive connections for `seconds`.
+
+    The fallback without wrk: this client's own CPU use (the GIL, http.client) caps the
+    figures on a 2-core machine long before the server does.
+    """
     ok = [0] * clients
-    errors: dict[str, int] = {}
-    errors_lock = threading.Lock()
     failed = [0] * clients
+    errors: dict[str, int] = {}
+    lock = threading.Lock()
+    position = [0]
     deadline = time.monotonic() + seconds
     start = time.perf_counter()
+
+    def next_request() -> Request | None:
+        with lock:
+            if len(requests) > 1 and position[0] >= len(requests):
+                return None  # a signed request cannot be sent twice
+            position[0] += 1
+            return requests[(position[0] - 1) % len(requests)]
 
     def worker(slot: int) -> None:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -137,9 +162,9 @@ def drive(
                 ok[slot] += 1
             else:
                 failed[slot] += 1
-                with errors_lock:
-                    errors.setdefault(f"{response.status} {answer[:120]!r}", 0)
-                    errors[f"{response.status} {answer[:120]!r}"] += 1
+                with lock:
+                    error = f"{response.status} {answer[:120]!r}"
+                    errors[error] = errors.get(error, 0) + 1
         connection.close()
 
     threads = [threading.Thread(target=worker, args=(slot,)) for slot in range(clients)]
@@ -149,7 +174,9 @@ def drive(
         thread.join()
     for error, count in sorted(errors.items(), key=lambda item: -item[1])[:5]:
         print(f"  {count} x {error}")
-    return sum(ok), sum(failed), time.perf_counter() - start
+    if len(requests) > 1 and position[0] > len(requests):
+        print("note: ran out of pre-signed requests; raise --rate-guess")
+    return {"requests": sum(ok), "failed": sum(failed), "seconds": time.perf_counter() - start}
 
 
 def main() -> None:
@@ -160,6 +187,18 @@ def main() -> None:
     parser.add_argument("--web-workers", type=int, default=2)
     parser.add_argument("--web-threads", type=int, default=8)
     parser.add_argument("--worker-class", default="gevent", choices=["gevent", "gthread"])
+    parser.add_argument(
+        "--client",
+        default="wrk",
+        choices=["wrk", "python"],
+        help="load generator: wrk (C, default when installed) or Python threads",
+    )
+    parser.add_argument(
+        "--only",
+        choices=list(PHASES),
+        action="append",
+        help="run only these phases (repeatable; default: all four)",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="scalarium-bench-") as tmp:
@@ -201,49 +240,44 @@ def main() -> None:
                 f"setup: {args.agents} agents enrolled over HTTP in "
                 f"{time.perf_counter() - started:.1f} s"
             )
+            wanted = [p for p in PHASES if not args.only or p in args.only]
+            count = int(args.rate_guess * args.seconds)
             started = time.perf_counter()
-            signed = presign(enrolled, int(args.rate_guess * args.seconds))
+            signed = presign(enrolled, count) if "heartbeat" in wanted else []
+            poll_count = min(count, 840 * args.agents) if "poll" in wanted else 0
+            polls = presign_polls(enrolled, poll_count)
             print(
-                f"setup: {len(signed)} heartbeats pre-signed in "
+                f"setup: {len(signed)} heartbeats and {len(polls)} polls pre-signed in "
                 f"{time.perf_counter() - started:.1f} s"
             )
-
-            polls = presign_polls(enrolled, min(len(signed), 840 * args.agents))
-            lock = threading.Lock()
-            exhausted: list[str] = []
-
-            def feeder(name: str, requests: list[Request]) -> Callable[[], Request | None]:
-                position = [0]
-
-                def next_request() -> Request | None:
-                    with lock:
-                        if position[0] >= len(requests):
-                            exhausted.append(name)
-                            return None
-                        position[0] += 1
-                        return requests[position[0] - 1]
-
-                return next_request
-
-            def fixed(path: str) -> Callable[[], Request]:
-                return lambda: ("GET", path, b"", {})
-
-            # Warm every worker's caches (keys, certificates) before timing anything.
-            drive(port, args.clients, 0.5, fixed("/agent/v1/ping"))
-            results = {
-                "signed heartbeat (POST /agent/v1/heartbeat)": drive(
-                    port, args.clients, args.seconds, feeder("heartbeats", signed)
-                ),
-                "signed poll (GET /agent/v1/commands?wait=0)": drive(
-                    port, args.clients, args.seconds, feeder("polls", polls)
-                ),
-                "unsigned no-op (GET /agent/v1/ping)": drive(
-                    port, args.clients, args.seconds, fixed("/agent/v1/ping")
-                ),
-                "unsigned health (GET /api/v1/health)": drive(
-                    port, args.clients, args.seconds, fixed("/api/v1/health")
-                ),
+            feeds: dict[str, list[Request]] = {
+                "heartbeat": signed,
+                "poll": polls,
+                "ping": [("GET", "/agent/v1/ping", b"", {})],
+                "health": [("GET", "/api/v1/health", b"", {})],
             }
+            client = args.client
+            if client == "wrk" and not have_wrk():
+                print("note: wrk is not installed (apt-get install wrk); using the Python client")
+                client = "python"
+            # Warm every worker's caches (keys, certificates) before timing anything.
+            drive_python(port, args.clients, 0.5, feeds["ping"])
+            results = {}
+            for phase in wanted:
+                print(f"running: {phase} ...", flush=True)
+                cpu_before = group_cpu_seconds(server.pid)
+                redis_before = pid_cpu_seconds(redis_child.pid) if redis_child else 0.0
+                if client == "wrk":
+                    raw = [raw_request(port, *request) for request in feeds[phase]]
+                    figures = wrk(port, raw, args.clients, args.seconds)
+                    if len(feeds[phase]) > 1 and figures["requests"] > len(raw):
+                        print(f"note: ran out of pre-signed {phase}s; raise --rate-guess")
+                else:
+                    figures = drive_python(port, args.clients, args.seconds, feeds[phase])
+                figures["server_cpu"] = group_cpu_seconds(server.pid) - cpu_before
+                if redis_child:
+                    figures["redis_cpu"] = pid_cpu_seconds(redis_child.pid) - redis_before
+                results[PHASES[phase]] = figures
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             try:
@@ -257,22 +291,36 @@ def main() -> None:
         f"{args.web_threads} threads" if args.worker_class == "gthread" else "gevent greenlets"
     )
     print(
-        f"\n{args.clients} client connections, gunicorn {args.web_workers} workers x "
-        f"{per_worker}, SQLite + embedded Redis, {os.cpu_count()} CPUs shared "
-        "by clients and server"
+        f"\n{client} client, {args.clients} connections; gunicorn {args.web_workers} workers x "
+        f"{per_worker}, SQLite + embedded Redis; {os.cpu_count()} CPUs shared "
+        "by client and server"
     )
     rates = {}
-    for name, (ok, failed, elapsed) in results.items():
-        rates[name] = ok / elapsed
-        note = f" ({failed} refused!)" if failed else ""
-        print(f"{name:48} {rates[name]:8.0f} req/s  ({ok} in {elapsed:.1f} s){note}")
-    names = list(rates)
-    for signed_name in names[:2]:
-        for unsigned_name in names[2:]:
+    for name, figures in results.items():
+        rates[name] = (figures["requests"] - figures["failed"]) / figures["seconds"]
+        note = f" ({figures['failed']:.0f} refused!)" if figures["failed"] else ""
+        latency = (
+            f", p50 {figures['p50_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms"
+            if "p99_ms" in figures
+            else ""
+        )
+        print(
+            f"{name:48} {rates[name]:8.0f} req/s  ({figures['requests']:.0f} in "
+            f"{figures['seconds']:.1f} s{latency}){note}"
+        )
+        if figures["requests"]:
+            cpu = 1000 * figures["server_cpu"] / figures["requests"]
+            redis_cpu = 1000 * figures.get("redis_cpu", 0.0) / figures["requests"]
+            print(
+                f"{'':48} server CPU {cpu:.3f} ms/request (+ Redis {redis_cpu:.3f}); "
+                f"{1000 / (cpu + redis_cpu):.0f} req/s per core"
+            )
+    signed_names = [PHASES[p] for p in ("heartbeat", "poll") if PHASES[p] in rates]
+    unsigned_names = [PHASES[p] for p in ("ping", "health") if PHASES[p] in rates]
+    for signed_name in signed_names:
+        for unsigned_name in unsigned_names:
             ratio = rates[signed_name] / rates[unsigned_name]
             print(f"{signed_name.split(' (')[0]} / {unsigned_name.split(' (')[0]}: {ratio:.2f}")
-    if exhausted:
-        print(f"note: ran out of pre-signed {set(exhausted)}; raise --rate-guess / --agents")
 
 
 if __name__ == "__main__":

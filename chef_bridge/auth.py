@@ -225,9 +225,15 @@ def split_signature(signature: bytes) -> dict[str, str]:
     return {f"X-Ops-Authorization-{n}": line for n, line in enumerate(lines, start=1)}
 
 
-def lower_headers(headers: Mapping[str, str]) -> dict[str, str]:
+class LowerHeaders(dict[str, str]):
+    """Headers already keyed by lower-cased name with values stripped (not redone)."""
+
+
+def lower_headers(headers: Mapping[str, str]) -> LowerHeaders:
     """Return the headers keyed by lower-cased name with values stripped."""
-    return {name.lower(): value.strip() for name, value in headers.items()}
+    if isinstance(headers, LowerHeaders):
+        return headers
+    return LowerHeaders((name.lower(), value.strip()) for name, value in headers.items())
 
 
 def parse_sign_header(value: str) -> tuple[SigningVersion, str]:

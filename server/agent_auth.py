@@ -5,6 +5,9 @@ the signature is the public key of the instance's newest certificate, which must
 CA, be current, not revoked, and belong to an instance that is not terminated. A signature is
 accepted once: Redis remembers it (SET NX) for as long as its timestamp stays inside the skew
 window, after which the timestamp check refuses it anyway.
+
+The instance's status and newest certificate are read from the database once and then kept per
+process for as long as the process hears of their changes (server/credentials.py).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -23,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from chef_bridge import auth
 from server import events, pki
+from server.credentials import CredentialsCache
 from server.db import Database, utcnow
 from server.enrollment import RETIRED_STATES
 from server.errors import Forbidden, ScalariumError, Unauthorized, Unavailable
@@ -36,6 +40,34 @@ MAX_USER_ID_LENGTH = 64
 
 
 @dataclass(frozen=True)
+class ReplayGuard:
+    """A checked signature not yet marked as seen: spend it before acting on the request."""
+
+    key: str
+    instance_id: str
+    ttl: int
+
+    def spend(self, connection: redis.Redis) -> None:
+        """Mark the signature as seen; raises the refusal if it was seen before."""
+        try:
+            first = connection.set(self.key, self.instance_id, nx=True, ex=self.ttl)
+        except redis.RedisError as exc:
+            raise replay_cache_unavailable(exc) from None
+        if not first:
+            raise replayed_request()
+
+
+def replay_cache_unavailable(exc: Exception) -> ScalariumError:
+    """The refusal when Redis cannot say whether a signature is new."""
+    return Unavailable(f"replay cache unavailable: {type(exc).__name__}", code="redis_unavailable")
+
+
+def replayed_request() -> ScalariumError:
+    """The refusal of a signature seen before."""
+    return Unauthorized("this signed request was sent before", code="replayed_request")
+
+
+@dataclass(frozen=True)
 class AgentIdentity:
     """The instance a signed request comes from."""
 
@@ -43,6 +75,8 @@ class AgentIdentity:
     stack_id: str
     status: str
     serial: str
+    # Set when authenticate() left the replay check to the caller (spend_replay=False).
+    replay: ReplayGuard | None = None
 
 
 class AgentRefused(Exception):
@@ -154,11 +188,12 @@ class VerifiedCertificates:
 
 
 def authenticate(
-    session: Session,
+    session: Callable[[], Session],
     connection: redis.Redis,
     keys: Keys,
     ca: pki.CertificateAuthority,
     cache: VerifiedCertificates,
+    credentials: CredentialsCache | None = None,
     *,
     method: str,
     path: str,
@@ -166,14 +201,28 @@ def authenticate(
     headers: Mapping[str, str],
     now: datetime | None = None,
     max_skew: int = MAX_SKEW_SECONDS,
+    spend_replay: bool = True,
 ) -> AgentIdentity:
-    """Check a signed agent request end to end; raises AgentRefused."""
+    """Check a signed agent request end to end; raises AgentRefused.
+
+    `session` makes (or returns) the request's database session, only if the credentials are
+    not kept in `credentials`. With ``spend_replay=False`` the signature is not yet marked as
+    seen: the caller must spend ``identity.replay`` before it acts (so that it can do so in the
+    same Redis round trip as its own work, as heartbeats do).
+    """
     moment = now or utcnow()
+    headers = auth.lower_headers(headers)  # once: every check below reads them
     try:
         user_id = auth.parse_user_id(headers)
     except auth.AuthError as exc:
         raise AgentRefused(Unauthorized(exc.message, code=exc.code)) from None
-    found = load_credentials(session, user_id) if len(user_id) <= MAX_USER_ID_LENGTH else None
+    found = None
+    if len(user_id) <= MAX_USER_ID_LENGTH:
+        found = (
+            credentials.load(user_id, lambda: load_credentials(session(), user_id))
+            if credentials is not None
+            else load_credentials(session(), user_id)
+        )
     problem = instance_problem(found, user_id)
     if problem is not None or found is None:
         raise AgentRefused(
@@ -203,28 +252,26 @@ def authenticate(
         auth.verify_request(
             verified.public_key_pem, method, path, body, headers, now=moment, max_skew=max_skew
         )
-        signed_at = auth.parse_time(auth.lower_headers(headers)["x-ops-timestamp"])
+        signed_at = auth.parse_time(headers["x-ops-timestamp"])
         signature = auth.signature_id(headers)
     except auth.AuthError as exc:
         raise refuse(Unauthorized(exc.message, code=exc.code)) from None
-    try:
-        first = connection.set(
-            keys.seen_signature(signature),
-            instance.instance_id,
-            nx=True,
-            ex=replay_ttl(signed_at, moment, max_skew),
-        )
-    except redis.RedisError as exc:
-        raise refuse(
-            Unavailable(f"replay cache unavailable: {type(exc).__name__}", code="redis_unavailable")
-        ) from None
-    if not first:
-        raise refuse(Unauthorized("this signed request was sent before", code="replayed_request"))
+    guard = ReplayGuard(
+        keys.seen_signature(signature),
+        instance.instance_id,
+        replay_ttl(signed_at, moment, max_skew),
+    )
+    if spend_replay:
+        try:
+            guard.spend(connection)
+        except ScalariumError as exc:
+            raise refuse(exc) from None
     return AgentIdentity(
         instance_id=instance.instance_id,
         stack_id=instance.stack_id,
         status=instance.status,
         serial=instance.serial,
+        replay=None if spend_replay else guard,
     )
 
 

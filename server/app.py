@@ -65,11 +65,9 @@ def create_app(config: Settings | None = None) -> Flask:
 
 
 def _install_orchestrator_hooks(app: Flask) -> None:
-    from server import orchestrator, runtime
+    from server import runtime
 
-    orchestrator.install_hooks(
-        runtime.hooks_for(queue.get_redis(app), app.extensions["scalarium.keys"])
-    )
+    runtime.install_hooks(queue.get_redis(app), app.extensions["scalarium.keys"])
 
 
 def _register_errors(app: Flask) -> None:

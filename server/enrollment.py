@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from server import events, pki
 from server.config import Settings
+from server.credentials import credentials_changed
 from server.db import utcnow
 from server.errors import Conflict, Forbidden, Invalid, ScalariumError, Unauthorized
 from server.models import (
@@ -558,6 +559,8 @@ def revoke_instance_certificates(
             .where(InstanceCertificate.serial.in_(serials))
             .values(revoked_at=moment, revoke_reason=reason[:64])
         )
+        # A bulk UPDATE passes the ORM's notice hook by: announce it ourselves.
+        credentials_changed(session, [instance_id])
         log.info("instance %s: certificates %s revoked (%s)", instance_id, serials, reason)
     return serials
 

@@ -41,6 +41,10 @@ class Keys:
         """The agent version an instance reported last."""
         return f"{self.prefix}:agent-version:{instance_id}"
 
+    def credentials_channel(self) -> str:
+        """Pub/sub: instance ids (comma-separated) whose status or certificates changed."""
+        return f"{self.prefix}:agent:credentials"
+
     def wake_channel(self) -> str:
         """The pub/sub channel every server process listens on for agent wake-ups."""
         return f"{self.prefix}:agent:wakeups"

@@ -74,8 +74,23 @@ def hooks_for(connection: redis.Redis, keyset: Keys) -> Any:
     )
 
 
+def publish_credentials_changed(
+    connection: redis.Redis, keyset: Keys, instance_ids: list[str]
+) -> None:
+    """Tell every server process that these instances' status or certificates changed."""
+    connection.publish(keyset.credentials_channel(), ",".join(instance_ids))
+
+
+def install_hooks(connection: redis.Redis, keyset: Keys) -> None:
+    """Connect the orchestrator and the credentials notices of this process to this Redis."""
+    from server import credentials, orchestrator
+
+    orchestrator.install_hooks(hooks_for(connection, keyset))
+    credentials.install_publisher(
+        lambda instance_ids: publish_credentials_changed(connection, keyset, instance_ids)
+    )
+
+
 def install_orchestrator_hooks() -> None:
     """Connect the orchestrator to this process's Redis (for workers and the scheduler)."""
-    from server import orchestrator
-
-    orchestrator.install_hooks(hooks_for(redis_connection(), keys()))
+    install_hooks(redis_connection(), keys())

@@ -19,6 +19,10 @@ registered waiter is woken once, so it re-reads the database and goes back to wa
 finds nothing; no command waits longer than the reconnect. If Redis stays away, polls simply
 time out and the agents poll again.
 
+The same subscription carries other per-process notices (``listen``): the agent credentials cache
+(server/agent_auth.py) hears of changed instances on a second channel, and is told to forget
+everything whenever the subscription starts or drops, since notices may have been missed.
+
 Works the same with OS threads (gunicorn gthread, the Flask test client) and under gevent's
 monkey patching (threading.Thread, Lock and Event become cooperative).
 """
@@ -30,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -75,6 +80,15 @@ class Waiter:
         return woken
 
 
+@dataclass(frozen=True)
+class Listener:
+    """Another channel on the hub's subscription: its messages, and a reset when any may be lost."""
+
+    channel: str
+    on_message: Callable[[str], None]
+    on_reset: Callable[[], None]
+
+
 class WakeupHub:
     """Per-process dispatcher from one Redis subscription to the local waiters."""
 
@@ -93,9 +107,39 @@ class WakeupHub:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._subscribed = threading.Event()
+        self._listeners: dict[str, Listener] = {}
+        self._confirmed = 0
+        # Until then the subscription stays even with nobody waiting (a listener is in use).
+        self._kept_until = 0.0
         # Counts how often the subscription became active (tests and metrics read it).
         self.subscriptions = 0
         self.delivered = 0
+
+    # --- other channels -----------------------------------------------------------------------
+
+    def listen(
+        self, channel: str, on_message: Callable[[str], None], on_reset: Callable[[], None]
+    ) -> None:
+        """Also subscribe to `channel` (from the next subscription on; call before first use)."""
+        with self._lock:
+            self._listeners[channel] = Listener(channel, on_message, on_reset)
+
+    def keep(self) -> bool:
+        """Hold (or start) the subscription for another idle period; whether it is live now."""
+        until = time.monotonic() + self.idle_seconds
+        # On the hot path of every signed request: the lock only about once a second.
+        if until - self._kept_until > min(1.0, self.idle_seconds / 4) or self._thread is None:
+            with self._lock:
+                self._kept_until = until
+                self._ensure_listener()
+        return self._subscribed.is_set()
+
+    def _reset_listeners(self) -> None:
+        for listener in list(self._listeners.values()):
+            try:
+                listener.on_reset()
+            except Exception:  # noqa: BLE001 - one listener must not stop the others
+                log.exception("wakeups %s: reset of %s failed", self.channel, listener.channel)
 
     # --- waiters ------------------------------------------------------------------------------
 
@@ -162,7 +206,7 @@ class WakeupHub:
 
     def _idle(self) -> bool:
         # Called with the lock held: the listener may only go when nobody can miss it.
-        return not self._waiters
+        return not self._waiters and time.monotonic() >= self._kept_until
 
     def _run(self) -> None:
         backoff = RETRY_FIRST_SECONDS
@@ -173,6 +217,7 @@ class WakeupHub:
                 backoff = RETRY_FIRST_SECONDS
             except (redis.RedisError, OSError) as exc:
                 self._subscribed.clear()
+                self._reset_listeners()
                 log.warning(
                     "wakeups %s: subscription lost (%s); retrying in %.1f s",
                     self.channel,
@@ -182,13 +227,15 @@ class WakeupHub:
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, RETRY_MAX_SECONDS)
         self._subscribed.clear()
+        self._reset_listeners()
 
     def _listen(self) -> bool:
         """Subscribe and dispatch until stopped or idle (True) or until Redis fails (raises)."""
         client = self._connect()
         pubsub = client.pubsub()
         try:
-            pubsub.subscribe(self.channel)
+            self._confirmed = 0
+            pubsub.subscribe(self.channel, *self._listeners)
             idle_since: float | None = None
             while not self._stopping.is_set():
                 message = pubsub.get_message(timeout=LISTEN_SLICE_SECONDS)
@@ -203,10 +250,14 @@ class WakeupHub:
                         # Deciding under the lock: a waiter registering now starts a new listener.
                         self._thread = None
                         self._subscribed.clear()
+                        self._reset_listeners()
                         log.debug("wakeups %s: idle, unsubscribed", self.channel)
                         return True
             return True
         finally:
+            # Whatever ends the subscription, nothing kept on its strength may outlive it.
+            self._subscribed.clear()
+            self._reset_listeners()
             try:
                 pubsub.close()
             finally:
@@ -214,15 +265,29 @@ class WakeupHub:
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
+        channel = _text(message.get("channel"))
         if kind == "subscribe":
             # Active again (first start, our reconnect or redis-py's own): anything published
-            # while we were not subscribed is lost, so every waiter re-reads the database.
+            # while we were not subscribed is lost, so every waiter re-reads the database and
+            # every listener forgets what it kept.
+            self._reset_listeners()
+            self._confirmed += 1
+            if self._confirmed < 1 + len(self._listeners):
+                return
+            self._confirmed = 0
             self.subscriptions += 1
             self._subscribed.set()
             woken = self.wake_everyone()
             if self.subscriptions > 1:
                 log.info("wakeups %s: subscribed again, %s waiter(s) woken", self.channel, woken)
         elif kind == "message":
-            data = message.get("data")
-            instance_id = data.decode() if isinstance(data, bytes) else str(data)
-            self.delivered += self.wake_local(instance_id)
+            data = _text(message.get("data"))
+            listener = self._listeners.get(channel)
+            if listener is not None:
+                listener.on_message(data)
+            else:
+                self.delivered += self.wake_local(data)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

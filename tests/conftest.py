@@ -16,6 +16,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import create_engine, text
 
 from server.access import create_token
+from server.api.agent import get_wakeups
 from server.app import create_app
 from server.config import Settings, load_settings
 from server.db import Base, get_database
@@ -106,6 +107,7 @@ def app(settings: Settings) -> Iterator[Flask]:
     application = create_app(settings)
     application.config["TESTING"] = True
     yield application
+    get_wakeups(application).close()
     get_database(application).dispose()
     get_redis(application).close()
 

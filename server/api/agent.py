@@ -18,16 +18,21 @@ import redis
 from flask import Blueprint, Flask, current_app, g, jsonify, request
 from sqlalchemy import update
 
+from chef_bridge.auth import LowerHeaders
 from server import db, orchestrator
 from server.agent_auth import (
     AgentIdentity,
     AgentRefused,
+    Credentials,
     VerifiedCertificates,
     authenticate,
     record_refusal,
+    replay_cache_unavailable,
+    replayed_request,
 )
 from server.api.registry import read_json
 from server.bundles import BASE_RECIPES, bundle_path, ensure_stack_bundle
+from server.credentials import CredentialsCache
 from server.db import get_database, utcnow
 from server.enrollment import (
     EnrollmentRefused,
@@ -36,7 +41,7 @@ from server.enrollment import (
     get_ca_pem,
     lookup,
 )
-from server.errors import Conflict, Invalid, NotFound, ScalariumError, Unavailable
+from server.errors import Conflict, Invalid, NotFound, ScalariumError
 from server.keys import Keys
 from server.lifecycle import CommandTrigger, Trigger
 from server.models import Command, CommandType, Instance, InstanceState
@@ -67,10 +72,18 @@ def init_app(app: Flask) -> None:
     """Register the blueprint, the cache of checked certificates and the wake-up hub."""
     app.extensions["scalarium.verified_certificates"] = VerifiedCertificates()
     settings = app.config["SCALARIUM"]
-    # Connects on the first waiting poll, in the process that serves it (after gunicorn forks).
-    app.extensions["scalarium.wakeups"] = WakeupHub(
-        lambda: connect(settings), app.extensions["scalarium.keys"]
+    keys = app.extensions["scalarium.keys"]
+    # Connects on the first waiting poll or signed request, in the process that serves it
+    # (after gunicorn forks).
+    hub = app.extensions["scalarium.wakeups"] = WakeupHub(lambda: connect(settings), keys)
+    # Kept only while the hub hears of changes (server/agent_auth.py).
+    credentials: CredentialsCache[Credentials] = CredentialsCache(hub.keep)
+    hub.listen(
+        keys.credentials_channel(),
+        lambda data: credentials.forget(data.split(",")),
+        credentials.clear,
     )
+    app.extensions["scalarium.credentials"] = credentials
     app.register_blueprint(blueprint)
 
 
@@ -138,34 +151,75 @@ def _refused(
     return error
 
 
-def signed(handler: Callable[..., Any]) -> Callable[..., Any]:
-    """Require a valid signature; the handler gets the AgentIdentity as `agent`."""
+def _signing_headers(environ: dict[str, Any]) -> LowerHeaders:
+    """The request's X-Ops-* headers, lower-cased and stripped (all a signature check reads)."""
+    return LowerHeaders(
+        (name[5:].replace("_", "-").lower(), value.strip())
+        for name, value in environ.items()
+        if name.startswith("HTTP_X_OPS_")
+    )
 
+
+def signed(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """Require a valid, never seen signature; the handler gets the AgentIdentity as `agent`."""
+    return _signed(handler, spend_replay=True)
+
+
+def signed_replay_in_handler(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """Like ``signed``, but the handler spends ``agent.replay`` itself, before it acts.
+
+    For the hottest endpoint (heartbeats): its own Redis work and the replay check then share
+    one round trip. A handler raising ``replayed_request`` gets it refused like ``signed``.
+    """
+    return _signed(handler, spend_replay=False)
+
+
+def _signed(handler: Callable[..., Any], *, spend_replay: bool) -> Callable[..., Any]:
     @functools.wraps(handler)
     def view(**kwargs: Any) -> Any:
-        session = db.session()
         try:
             identity = authenticate(
-                session,
+                db.session,
                 get_redis(current_app),
                 _keys(),
                 get_ca(current_app),
                 current_app.extensions["scalarium.verified_certificates"],
+                current_app.extensions["scalarium.credentials"],
                 method=request.method,
                 path=request.script_root + request.path,
                 body=request.get_data(cache=True),
-                headers=dict(request.headers.items()),
+                headers=_signing_headers(request.environ),
+                spend_replay=spend_replay,
             )
         except AgentRefused as exc:
             raise _refused(
                 f"{request.method} {request.path}", exc.error, exc.instance_id, exc.stack_id
             ) from None
         g.agent = identity
-        result = handler(agent=identity, **kwargs)
-        session.commit()
+        try:
+            result = handler(agent=identity, **kwargs)
+        except ReplayRefused as exc:
+            raise _refused(
+                f"{request.method} {request.path}",
+                exc.error,
+                identity.instance_id,
+                identity.stack_id,
+            ) from None
+        # A request answered from kept credentials may never have opened a session.
+        session = g.get("db_session")
+        if session is not None:
+            session.commit()
         return result
 
     return view
+
+
+class ReplayRefused(Exception):
+    """Raised by a handler whose spending of ``agent.replay`` failed."""
+
+    def __init__(self, error: ScalariumError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 def _json_object(required: bool) -> dict[str, Any]:
@@ -258,8 +312,31 @@ def parse_metrics(body: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     return metrics, agent_version
 
 
+# One round trip per heartbeat: spend the signature (refusing a replay before anything is
+# written), keep the metrics, and learn whether the database is due and the agent's last version.
+# KEYS: seen signature, metrics, persisted marker, agent version.
+# ARGV: instance id, signature ttl, metrics json, metrics ttl, agent version, persist ttl.
+_HEARTBEAT_SCRIPT = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  return {0}
+end
+redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
+local due = redis.call('SET', KEYS[3], ARGV[5], 'NX', 'EX', ARGV[6])
+local previous = redis.call('GETSET', KEYS[4], ARGV[5])
+return {1, due and 1 or 0, previous or ''}
+"""
+
+
+def _heartbeat_script(connection: redis.Redis) -> Any:
+    scripts = current_app.extensions.setdefault("scalarium.scripts", {})
+    script = scripts.get(id(connection))
+    if script is None:
+        script = scripts[id(connection)] = connection.register_script(_HEARTBEAT_SCRIPT)
+    return script
+
+
 @blueprint.post("/heartbeat")
-@signed
+@signed_replay_in_handler
 def heartbeat(agent: AgentIdentity) -> Any:
     """Keep the node's latest metrics; the first heartbeat after enrollment starts setup.
 
@@ -268,40 +345,47 @@ def heartbeat(agent: AgentIdentity) -> Any:
     version changes or the lifecycle moves, so thousands of agents do not mean thousands of
     writes per minute.
     """
-    session = db.session()
     metrics, agent_version = parse_metrics(_json_object(required=False))
     now = utcnow()
     connection = get_redis(current_app)
     keys = _keys()
+    replay = agent.replay
+    if replay is None:
+        raise RuntimeError("heartbeat needs @signed_replay_in_handler")
     try:
-        pipe = connection.pipeline(transaction=False)
-        pipe.set(
-            keys.metrics(agent.instance_id),
-            json.dumps({"at": now.isoformat(), "agent_version": agent_version, **metrics}),
-            ex=METRICS_TTL_SECONDS,
+        answer = _heartbeat_script(connection)(
+            keys=[
+                replay.key,
+                keys.metrics(agent.instance_id),
+                keys.heartbeat_persisted(agent.instance_id),
+                keys.agent_version(agent.instance_id),
+            ],
+            args=[
+                replay.instance_id,
+                replay.ttl,
+                json.dumps({"at": now.isoformat(), "agent_version": agent_version, **metrics}),
+                METRICS_TTL_SECONDS,
+                agent_version or "",
+                HEARTBEAT_PERSIST_SECONDS,
+            ],
         )
-        pipe.set(
-            keys.heartbeat_persisted(agent.instance_id),
-            agent_version or "",
-            nx=True,
-            ex=HEARTBEAT_PERSIST_SECONDS,
-        )
-        pipe.getset(keys.agent_version(agent.instance_id), agent_version or "")
-        _, due, previous_version = pipe.execute()
     except redis.RedisError as exc:
-        raise Unavailable(
-            f"metrics store unavailable: {type(exc).__name__}", code="redis_unavailable"
-        ) from None
+        raise ReplayRefused(replay_cache_unavailable(exc)) from None
+    if not answer[0]:
+        raise ReplayRefused(replayed_request())
+    _, due, previous_version = answer
     connecting = agent.status in _CONNECT_TRIGGERS
     version_changed = (previous_version or b"").decode() != (agent_version or "")
-    if due or connecting or version_changed:
-        values: dict[str, Any] = {"metrics": metrics, "last_heartbeat_at": now}
-        if agent_version is not None:
-            values["agent_version"] = agent_version
-        # updated_at stays: a heartbeat is not a change of the cluster picture (server/cluster.py
-        # caches views by it).
-        values["updated_at"] = Instance.updated_at
-        session.execute(update(Instance).where(Instance.id == agent.instance_id).values(**values))
+    if not (due or connecting or version_changed):
+        return jsonify({"ok": True, "status": agent.status})
+    session = db.session()
+    values: dict[str, Any] = {"metrics": metrics, "last_heartbeat_at": now}
+    if agent_version is not None:
+        values["agent_version"] = agent_version
+    # updated_at stays: a heartbeat is not a change of the cluster picture (server/cluster.py
+    # caches views by it).
+    values["updated_at"] = Instance.updated_at
+    session.execute(update(Instance).where(Instance.id == agent.instance_id).values(**values))
     if not connecting:
         return jsonify({"ok": True, "status": agent.status})
     instance = lock_instance(session, agent.instance_id)
