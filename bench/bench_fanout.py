@@ -440,10 +440,9 @@ def main() -> None:
             from server.keys import Keys
 
             redis_client = queue.connect(settings)
-            # The bench process changes lifecycle state: its wake-ups and jobs go to our Redis.
-            from server import orchestrator
-
-            orchestrator.install_hooks(runtime.hooks_for(redis_client, Keys(settings.queue_prefix)))
+            # The bench process changes lifecycle state: its wake-ups, jobs and credentials
+            # notices go to our Redis.
+            runtime.install_hooks(redis_client, Keys(settings.queue_prefix))
             started = time.monotonic()
             keys = [pki.generate_private_key_pem() for _ in range(args.keys)]
             csrs = CsrMaker(keys)
