@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from server import events
@@ -383,7 +383,8 @@ def _delivery_statement() -> Any:
         .where(
             Command.instance_id == wanted,
             Command.type == CommandType.CONFIGURE.value,
-            Command.status.in_(_LAST_CONFIGURE_STATES),
+            # Not IN (...): an expanding parameter is re-rendered on every execution.
+            or_(*(Command.status == status for status in _LAST_CONFIGURE_STATES)),
         )
         .scalar_subquery()
     )
@@ -412,7 +413,8 @@ def peek_delivery(session: Session, instance_id: str) -> Delivery:
     the lean path (one prepared SELECT, no ORM objects); next_command remains the path that
     writes.
     """
-    rows = session.execute(_delivery_statement(), {"instance_id": instance_id}).all()
+    # Core, not ORM execution: plain columns need none of the ORM's per-statement work.
+    rows = session.connection().execute(_delivery_statement(), {"instance_id": instance_id}).all()
     if not rows:
         return Delivery(None, None, True)
     bundle = rows[0][6]
