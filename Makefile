@@ -65,7 +65,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy $(TYPED)
 
+# wrk (Debian) drives the HTTP benchmarks; without it they fall back to a Python client.
 bench: $(STAMP) services
+	@dpkg -s wrk >/dev/null 2>&1 || { echo "installing Debian package: wrk"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
