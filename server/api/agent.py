@@ -76,7 +76,7 @@ def init_app(app: Flask) -> None:
     # Connects on the first waiting poll or signed request, in the process that serves it
     # (after gunicorn forks).
     hub = app.extensions["scalarium.wakeups"] = WakeupHub(lambda: connect(settings), keys)
-    # Kept only while the hub hears of changes (server/agent_auth.py).
+    # Kept only while the hub hears of changes (server/credentials.py).
     credentials: CredentialsCache[Credentials] = CredentialsCache(hub.keep)
     hub.listen(
         keys.credentials_channel(),
