@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 DEBIAN_TEST_PACKAGES := goiardi ruby shellcheck openssl git curl iproute2 procps util-linux hostname
 
 # The pure modules (and a few edges) that must stay mypy clean.
-TYPED := chef_bridge server/pki.py server/credentials.py server/agent_auth.py server/wakeups.py \
+TYPED := chef_bridge server/pki.py server/credentials.py server/scripts.py server/agent_auth.py server/wakeups.py \
 	server/deployments.py server/schemas.py server/lifecycle.py server/fanout.py server/cluster.py \
 	server/orchestrator.py server/effects.py
 

@@ -46,6 +46,7 @@ from server.keys import Keys
 from server.lifecycle import CommandTrigger, Trigger
 from server.models import Command, CommandType, Instance, InstanceState
 from server.queue import connect, get_redis
+from server.scripts import HotScript
 from server.wakeups import Waiter, WakeupHub, publish_wake
 
 log = logging.getLogger(__name__)
@@ -327,12 +328,7 @@ return {1, due and 1 or 0, previous or ''}
 """
 
 
-def _heartbeat_script(connection: redis.Redis) -> Any:
-    scripts = current_app.extensions.setdefault("scalarium.scripts", {})
-    script = scripts.get(id(connection))
-    if script is None:
-        script = scripts[id(connection)] = connection.register_script(_HEARTBEAT_SCRIPT)
-    return script
+_heartbeat_script = HotScript(_HEARTBEAT_SCRIPT)
 
 
 @blueprint.post("/heartbeat")
@@ -353,7 +349,8 @@ def heartbeat(agent: AgentIdentity) -> Any:
     if replay is None:
         raise RuntimeError("heartbeat needs @signed_replay_in_handler")
     try:
-        answer = _heartbeat_script(connection)(
+        answer = _heartbeat_script(
+            connection,
             keys=[
                 replay.key,
                 keys.metrics(agent.instance_id),
