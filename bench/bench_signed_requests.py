@@ -187,6 +187,7 @@ def main() -> None:
     parser.add_argument("--web-workers", type=int, default=2)
     parser.add_argument("--web-threads", type=int, default=8)
     parser.add_argument("--worker-class", default="gevent", choices=["gevent", "gthread"])
+    parser.add_argument("--database-url", default="", help="default: SQLite in the temp dir")
     parser.add_argument(
         "--client",
         default="wrk",
@@ -216,6 +217,8 @@ def main() -> None:
         )
         for name in ("SCALARIUM_REDIS_URL", "SCALARIUM_DATABASE_URL", "SCALARIUM_PUBLIC_URL"):
             env.pop(name, None)
+        if args.database_url:
+            env["SCALARIUM_DATABASE_URL"] = args.database_url
         settings = load_settings(env)
         # Started here (not daemonized) so that this script owns it and stops it.
         redis_child = embedded.start(settings, daemonize=False)
@@ -292,7 +295,8 @@ def main() -> None:
     )
     print(
         f"\n{client} client, {args.clients} connections; gunicorn {args.web_workers} workers x "
-        f"{per_worker}, SQLite + embedded Redis; {os.cpu_count()} CPUs shared "
+        f"{per_worker}, {'PostgreSQL' if args.database_url else 'SQLite'} + embedded Redis; "
+        f"{os.cpu_count()} CPUs shared "
         "by client and server"
     )
     rates = {}

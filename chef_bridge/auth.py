@@ -226,7 +226,12 @@ def split_signature(signature: bytes) -> dict[str, str]:
 
 
 class LowerHeaders(dict[str, str]):
-    """Headers already keyed by lower-cased name with values stripped (not redone)."""
+    """Headers already keyed by lower-cased name with values stripped (not redone).
+
+    Also remembers their joined signature, which a verifier reads twice (check, replay id).
+    """
+
+    signature: bytes | None = None
 
 
 def lower_headers(headers: Mapping[str, str]) -> LowerHeaders:
@@ -258,8 +263,15 @@ def parse_sign_header(value: str) -> tuple[SigningVersion, str]:
 
 def join_signature(headers: Mapping[str, str]) -> bytes:
     """Reassemble and base64-decode the ``X-Ops-Authorization-1..N`` headers."""
+    found = lower_headers(headers)
+    if found.signature is None:
+        found.signature = _join_signature(found)
+    return found.signature
+
+
+def _join_signature(headers: LowerHeaders) -> bytes:
     lines: dict[int, str] = {}
-    for name, value in lower_headers(headers).items():
+    for name, value in headers.items():
         match = _AUTHORIZATION_HEADER.fullmatch(name)
         if match:
             lines[int(match.group(1))] = value
