@@ -6,7 +6,8 @@ That machinery cost more CPU than the round trip itself (py-spy on the signed-re
 A HotScript keeps a few connections of the client's own pool (same address, credentials,
 protocol and timeouts) and talks to them directly: EVALSHA, and EVAL once when the server
 does not know the script yet (a restart or SCRIPT FLUSH). A connection that fails is closed,
-never reused; the error reaches the caller, as with redis-py.
+never reused; a kept connection that the server closed meanwhile is replaced once (as redis-py
+retries); any other error reaches the caller.
 """
 
 from __future__ import annotations
@@ -41,7 +42,22 @@ class HotScript:
         if idle is None:
             idle = self._idle.setdefault(pool, [])
         # list.pop/append are atomic: threads and greenlets never share a connection.
-        connection = idle.pop() if idle else pool.make_connection()
+        if idle:
+            try:
+                return self._run(idle, idle.pop(), keys, args)
+            except redis.exceptions.ConnectionError:
+                # A kept connection the server closed meanwhile (a restart, a client kill, an
+                # idle timeout): the command never ran there; once more on a new connection.
+                pass
+        return self._run(idle, pool.make_connection(), keys, args)
+
+    def _run(
+        self,
+        idle: list[ConnectionInterface],
+        connection: ConnectionInterface,
+        keys: Sequence[str],
+        args: Sequence[Any],
+    ) -> Any:
         try:
             try:
                 connection.send_command("EVALSHA", self.sha, len(keys), *keys, *args)
