@@ -29,7 +29,7 @@ from server import events, pki
 from server.credentials import CredentialsCache
 from server.db import Database, utcnow
 from server.enrollment import RETIRED_STATES
-from server.errors import Forbidden, ScalariumError, Unauthorized, Unavailable
+from server.errors import Forbidden, Refused, ScalariumError, Unauthorized, Unavailable
 from server.keys import Keys
 from server.models import Instance, InstanceCertificate
 
@@ -79,16 +79,8 @@ class AgentIdentity:
     replay: ReplayGuard | None = None
 
 
-class AgentRefused(Exception):
+class AgentRefused(Refused):
     """A signed request was refused: the error to answer with and whom it concerns."""
-
-    def __init__(
-        self, error: ScalariumError, instance_id: str | None = None, stack_id: str | None = None
-    ) -> None:
-        super().__init__(error.message)
-        self.error = error
-        self.instance_id = instance_id
-        self.stack_id = stack_id
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from server import events, pki
 from server.config import Settings
 from server.credentials import credentials_changed
 from server.db import utcnow
-from server.errors import Conflict, Forbidden, Invalid, ScalariumError, Unauthorized
+from server.errors import Conflict, Forbidden, Invalid, Refused, ScalariumError, Unauthorized
 from server.models import (
     EnrollmentToken,
     Instance,
@@ -76,16 +76,8 @@ _TOKEN_MESSAGES = {
 }
 
 
-class EnrollmentRefused(Exception):
+class EnrollmentRefused(Refused):
     """An enrollment step refused the node: the error it gets, and who it concerns (for events)."""
-
-    def __init__(
-        self, error: ScalariumError, instance_id: str | None = None, stack_id: str | None = None
-    ) -> None:
-        super().__init__(error.message)
-        self.error = error
-        self.instance_id = instance_id
-        self.stack_id = stack_id
 
 
 # --- the CA ---------------------------------------------------------------------------------

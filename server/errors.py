@@ -79,3 +79,15 @@ class UnsupportedMediaType(ScalariumError):
 
     status = 415
     code = "unsupported_media_type"
+
+
+class Refused(Exception):
+    """A node's request was refused: the error it gets, and whom it concerns (for the event)."""
+
+    def __init__(
+        self, error: ScalariumError, instance_id: str | None = None, stack_id: str | None = None
+    ) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.instance_id = instance_id
+        self.stack_id = stack_id

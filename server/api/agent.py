@@ -170,7 +170,7 @@ def signed_replay_in_handler(handler: Callable[..., Any]) -> Callable[..., Any]:
     """Like ``signed``, but the handler spends ``agent.replay`` itself, before it acts.
 
     For the hottest endpoint (heartbeats): its own Redis work and the replay check then share
-    one round trip. A handler raising ``replayed_request`` gets it refused like ``signed``.
+    one round trip. A handler raises AgentRefused to have the request refused like ``signed``.
     """
     return _signed(handler, spend_replay=False)
 
@@ -192,19 +192,12 @@ def _signed(handler: Callable[..., Any], *, spend_replay: bool) -> Callable[...,
                 headers=_signing_headers(request.environ),
                 spend_replay=spend_replay,
             )
+            g.agent = identity
+            # A handler that spends agent.replay itself refuses with AgentRefused too.
+            result = handler(agent=identity, **kwargs)
         except AgentRefused as exc:
             raise _refused(
                 f"{request.method} {request.path}", exc.error, exc.instance_id, exc.stack_id
-            ) from None
-        g.agent = identity
-        try:
-            result = handler(agent=identity, **kwargs)
-        except ReplayRefused as exc:
-            raise _refused(
-                f"{request.method} {request.path}",
-                exc.error,
-                identity.instance_id,
-                identity.stack_id,
             ) from None
         # A request answered from kept credentials may never have opened a session.
         session = g.get("db_session")
@@ -213,14 +206,6 @@ def _signed(handler: Callable[..., Any], *, spend_replay: bool) -> Callable[...,
         return result
 
     return view
-
-
-class ReplayRefused(Exception):
-    """Raised by a handler whose spending of ``agent.replay`` failed."""
-
-    def __init__(self, error: ScalariumError) -> None:
-        super().__init__(error.message)
-        self.error = error
 
 
 def _json_object(required: bool) -> dict[str, Any]:
@@ -370,9 +355,11 @@ def heartbeat(agent: AgentIdentity) -> Any:
             ],
         )
     except redis.RedisError as exc:
-        raise ReplayRefused(replay_cache_unavailable(exc)) from None
+        raise AgentRefused(
+            replay_cache_unavailable(exc), agent.instance_id, agent.stack_id
+        ) from None
     if not answer[0]:
-        raise ReplayRefused(replayed_request())
+        raise AgentRefused(replayed_request(), agent.instance_id, agent.stack_id)
     _, due, previous_version = answer
     connecting = agent.status in _CONNECT_TRIGGERS
     version_changed = (previous_version or b"").decode() != (agent_version or "")
