@@ -25,7 +25,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -186,13 +185,46 @@ def run_worker(settings: Settings, *, burst: bool = False) -> None:
     worker.work(burst=burst, logging_level=settings.log_level)
 
 
+class StopFlag:
+    """A stop request set from a signal handler: a plain attribute, never a lock.
+
+    threading.Event.set() takes the Event's lock. A signal handler runs in the main thread
+    between two bytecodes; when that thread was inside Event.wait() on the same Event (holding
+    its lock for an instant), set() waits for a lock its own thread holds: a deadlock, seen as
+    `scalarium up` ignoring Ctrl-C once in many runs. Waiting here is sleeping in short slices.
+    """
+
+    SLICE_SECONDS = 0.1
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self, *_signal: Any) -> None:
+        """Request the stop (usable as a signal handler)."""
+        self._set = True
+
+    def is_set(self) -> bool:
+        """Whether a stop was requested."""
+        return self._set
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep until the stop is requested or `timeout` passes; whether it was requested."""
+        deadline = time.monotonic() + timeout
+        while not self._set:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(left, self.SLICE_SECONDS))
+        return self._set
+
+
 def run_scheduler(settings: Settings) -> None:
     """Run the periodic-job scheduler until SIGTERM or SIGINT."""
     from server import schedule
 
-    stop = threading.Event()
+    stop = StopFlag()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, stop.set)
     log.info("scheduler: started")
     schedule.run(connect(settings), Keys(settings.queue_prefix), stop)
     log.info("scheduler: stopped")
@@ -249,13 +281,9 @@ def run_up(settings: Settings) -> int:
     else:
         redis_url = settings.redis_url
     children: list[subprocess.Popen[bytes]] = []
-    stopping = threading.Event()
-
-    def _stop(signum: int, _frame: Any) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
+    stopping = StopFlag()
+    signal.signal(signal.SIGINT, stopping.set)
+    signal.signal(signal.SIGTERM, stopping.set)
     code = 0
     try:
         token = prepare(settings)

@@ -4,11 +4,10 @@ enqueue the same slot twice."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 
@@ -58,7 +57,15 @@ def tick(
     return enqueued
 
 
-def run(connection: redis.Redis, keys: Keys, stop: threading.Event, period: float = 1.0) -> None:
+class Stop(Protocol):
+    """What stops the loop: a threading.Event, or processes.StopFlag under signals."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float) -> bool: ...
+
+
+def run(connection: redis.Redis, keys: Keys, stop: Stop, period: float = 1.0) -> None:
     """Tick until stopped; a failed tick is logged and retried on the next one."""
     while not stop.is_set():
         try:

@@ -23,6 +23,7 @@ from server.jobs import prune_events
 from server.keys import Keys
 from server.migrate import upgrade
 from server.models import Event
+from server.processes import StopFlag
 from tests.server.live import free_port
 
 
@@ -182,3 +183,26 @@ def test_successful_agent_traffic_stays_out_of_the_access_log(
     from server.processes import _agent_noise
 
     assert _agent_noise(path, status) is not logged
+
+
+def test_a_stop_flag_set_from_a_signal_handler_ends_the_wait() -> None:
+    # threading.Event.set() in a handler could deadlock against the main thread's own wait().
+    flag = StopFlag()
+    previous = signal.signal(signal.SIGALRM, flag.set)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        started = time.monotonic()
+        assert flag.wait(10)
+        assert time.monotonic() - started < 5
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_stop_flag_wait_times_out_when_nobody_stops() -> None:
+    flag = StopFlag()
+    started = time.monotonic()
+    assert not flag.wait(0.3)
+    assert 0.25 <= time.monotonic() - started < 5
+    flag.set()
+    assert flag.is_set() and flag.wait(0)
