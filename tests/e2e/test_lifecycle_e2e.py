@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,11 @@ def runs(host: Host) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def chef_time() -> str:
+    """Now, stamped as the chef double stamps its runs (same clock: the hosts share it)."""
+    return datetime.now(UTC).astimezone().isoformat(timespec="seconds")
 
 
 def members(run: dict[str, Any]) -> dict[str, list[str]]:
@@ -245,11 +251,28 @@ def test_hosts_set_up_go_online_and_reconfigure_as_instances_join_and_leave(
             f"{name} configured with the four",
         )
 
-    # Stopping one: its shutdown recipes run, it leaves, the others configure without it.
-    server.ok("POST", f"/instances/{cluster.instances['web2']['id']}/stop")
+    # Stopping one: it leaves `online` at once, so its shutdown recipes run while the others
+    # configure without it (as OpsWorks sends Shutdown to it and Configure to the rest: the
+    # load balancer stops sending it traffic); its machine stops only after the shutdown.
+    web2 = cluster.instances["web2"]["id"]
+    stop_requested = chef_time()
+    server.ok("POST", f"/instances/{web2}/stop")
     wait_for(lambda: cluster.status("web2") == "stopped", "web2 stopped")
     shutdown = [r for r in runs(cluster.hosts["web2"]) if r["activity"] == "shutdown"]
     assert len(shutdown) == 1 and shutdown[0]["recipes"] == ["app::shutdown"]
+    web2_events = server.ok("GET", f"/stacks/{cluster.stack['id']}/events?limit=500")["items"]
+    web2_events = [e for e in web2_events if e.get("instance_id") == web2]
+    shutdown_done = max(
+        e["id"]
+        for e in web2_events
+        if e["kind"] == "command.finished" and e["message"].startswith("shutdown ")
+    )
+    stopped = max(
+        e["id"]
+        for e in web2_events
+        if e["kind"] == "instance.state" and e["data"].get("to") == "stopped"
+    )
+    assert shutdown_done < stopped
     after = {"app": ["web1", "web3"], "lb": ["lb1"]}
     for name in ("lb1", "web1", "web3"):
         wait_for(
@@ -261,7 +284,7 @@ def test_hosts_set_up_go_online_and_reconfigure_as_instances_join_and_leave(
             for r in runs(cluster.hosts[name])
             if r["activity"] == "configure" and members(r) == after
         )
-        assert without["started_at"] >= shutdown[0]["finished_at"]
+        assert without["started_at"] >= stop_requested
 
     # Ordering on every host: setup first; versions only move forward.
     for name, host in cluster.hosts.items():
