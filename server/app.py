@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from flask import Flask, jsonify
@@ -10,10 +9,8 @@ from werkzeug.exceptions import HTTPException
 
 from server import db, enrollment, queue
 from server.config import Settings, load_settings
-from server.errors import ScalariumError
+from server.errors import ScalariumError, unexpected_error
 from server.vault import Vault, load_or_create_key
-
-log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -88,6 +85,4 @@ def _register_errors(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Any:
-        log.exception("unhandled error: %s", type(error).__name__)
-        body = ScalariumError("internal error; see the server log").to_dict()
-        return jsonify(body), 500
+        return jsonify(unexpected_error(error).to_dict()), 500

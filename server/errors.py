@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class ScalariumError(Exception):
@@ -91,3 +94,9 @@ class Refused(Exception):
         self.error = error
         self.instance_id = instance_id
         self.stack_id = stack_id
+
+
+def unexpected_error(error: BaseException) -> ScalariumError:
+    """Log an unexpected exception (with its traceback) and give the 500 the client sees."""
+    log.exception("unhandled error: %s", type(error).__name__, exc_info=error)
+    return ScalariumError("internal error; see the server log")

@@ -12,11 +12,13 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import redis
 from flask import Blueprint, Flask, current_app, g, jsonify, request
 from sqlalchemy import update
+from werkzeug.http import HTTP_STATUS_CODES
 
 from chef_bridge.auth import LowerHeaders
 from server import db, orchestrator
@@ -30,7 +32,7 @@ from server.agent_auth import (
     replay_cache_unavailable,
     replayed_request,
 )
-from server.api.registry import read_json
+from server.api.registry import parse_json_body
 from server.bundles import BASE_RECIPES, bundle_path, ensure_stack_bundle
 from server.credentials import CredentialsCache
 from server.db import get_database, utcnow
@@ -41,7 +43,7 @@ from server.enrollment import (
     get_ca_pem,
     lookup,
 )
-from server.errors import Conflict, Invalid, NotFound, ScalariumError
+from server.errors import Conflict, Invalid, NotFound, ScalariumError, unexpected_error
 from server.keys import Keys
 from server.lifecycle import CommandTrigger, Trigger
 from server.models import Command, CommandType, Instance, InstanceState
@@ -52,6 +54,7 @@ from server.wakeups import Waiter, WakeupHub, publish_wake
 log = logging.getLogger(__name__)
 
 blueprint = Blueprint("agent_v1", __name__, url_prefix="/agent/v1")
+Result = TypeVar("Result")
 
 MAX_WAIT_SECONDS = 60
 MAX_METRICS_BYTES = 16 * 1024
@@ -86,6 +89,7 @@ def init_app(app: Flask) -> None:
     )
     app.extensions["scalarium.credentials"] = credentials
     app.register_blueprint(blueprint)
+    app.wsgi_app = HeartbeatPath(app, app.wsgi_app)  # type: ignore[method-assign]
 
 
 def _keys() -> Keys:
@@ -136,8 +140,49 @@ def wait_for_wake(waiter: Waiter, instance_id: str, seconds: float) -> list[dict
 # --- plumbing ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SignedCall:
+    """What checking a signed request reads of it: from Flask's request or a bare WSGI environ."""
+
+    method: str
+    path: str  # as routed (the refusal event records it)
+    signed_path: str  # as the agent signed it: the script root (a mount prefix) and the path
+    body: bytes
+    headers: LowerHeaders
+    mimetype: str
+
+    @classmethod
+    def from_request(cls) -> SignedCall:
+        """The current Flask request."""
+        return cls(
+            method=request.method,
+            path=request.path,
+            signed_path=request.script_root + request.path,
+            body=request.get_data(cache=True),
+            headers=_signing_headers(request.environ),
+            mimetype=request.mimetype,
+        )
+
+    @classmethod
+    def from_environ(cls, environ: dict[str, Any], body: bytes) -> SignedCall:
+        """A WSGI request whose body was read already (HeartbeatPath)."""
+        path = environ.get("PATH_INFO", "")
+        return cls(
+            method=environ["REQUEST_METHOD"],
+            path=path,
+            signed_path=environ.get("SCRIPT_NAME", "").rstrip("/") + path,
+            body=body,
+            headers=_signing_headers(environ),
+            mimetype=environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower(),
+        )
+
+
 def _refused(
-    what: str, error: ScalariumError, instance_id: str | None, stack_id: str | None
+    what: str,
+    error: ScalariumError,
+    instance_id: str | None,
+    stack_id: str | None,
+    call: SignedCall | None = None,
 ) -> ScalariumError:
     db.session().rollback()
     record_refusal(
@@ -146,7 +191,7 @@ def _refused(
         error,
         instance_id=instance_id,
         stack_id=stack_id,
-        data={"path": request.path, "method": request.method},
+        data={"path": (call or request).path, "method": (call or request).method},
     )
     log.info("instance %s: %s refused: %s", instance_id or "-", what, error.code)
     return error
@@ -163,55 +208,63 @@ def _signing_headers(environ: dict[str, Any]) -> LowerHeaders:
 
 def signed(handler: Callable[..., Any]) -> Callable[..., Any]:
     """Require a valid, never seen signature; the handler gets the AgentIdentity as `agent`."""
-    return _signed(handler, spend_replay=True)
 
-
-def signed_replay_in_handler(handler: Callable[..., Any]) -> Callable[..., Any]:
-    """Like ``signed``, but the handler spends ``agent.replay`` itself, before it acts.
-
-    For the hottest endpoint (heartbeats): its own Redis work and the replay check then share
-    one round trip. A handler raises AgentRefused to have the request refused like ``signed``.
-    """
-    return _signed(handler, spend_replay=False)
-
-
-def _signed(handler: Callable[..., Any], *, spend_replay: bool) -> Callable[..., Any]:
     @functools.wraps(handler)
     def view(**kwargs: Any) -> Any:
-        try:
-            identity = authenticate(
-                db.session,
-                get_redis(current_app),
-                _keys(),
-                get_ca(current_app),
-                current_app.extensions["scalarium.verified_certificates"],
-                current_app.extensions["scalarium.credentials"],
-                method=request.method,
-                path=request.script_root + request.path,
-                body=request.get_data(cache=True),
-                headers=_signing_headers(request.environ),
-                spend_replay=spend_replay,
-            )
-            g.agent = identity
-            # A handler that spends agent.replay itself refuses with AgentRefused too.
-            result = handler(agent=identity, **kwargs)
-        except AgentRefused as exc:
-            raise _refused(
-                f"{request.method} {request.path}", exc.error, exc.instance_id, exc.stack_id
-            ) from None
-        # A request answered from kept credentials may never have opened a session.
-        session = g.get("db_session")
-        if session is not None:
-            session.commit()
-        return result
+        return run_signed(
+            SignedCall.from_request(),
+            lambda agent: handler(agent=agent, **kwargs),
+            spend_replay=True,
+        )
 
     return view
 
 
+def run_signed(
+    call: SignedCall, handler: Callable[[AgentIdentity], Result], *, spend_replay: bool
+) -> Result:
+    """Check `call`'s signature, then run `handler` with the agent and commit; needs an app context.
+
+    Any refusal (AgentRefused, from the check or from the handler) is recorded as an event and
+    raised as its ScalariumError. With ``spend_replay=False`` the handler spends
+    ``agent.replay`` itself, before it acts: the hottest endpoint (heartbeats) then checks for a
+    replay in the same Redis round trip as its own work.
+    """
+    try:
+        identity = authenticate(
+            db.session,
+            get_redis(current_app),
+            _keys(),
+            get_ca(current_app),
+            current_app.extensions["scalarium.verified_certificates"],
+            current_app.extensions["scalarium.credentials"],
+            method=call.method,
+            path=call.signed_path,
+            body=call.body,
+            headers=call.headers,
+            spend_replay=spend_replay,
+        )
+        result = handler(identity)
+    except AgentRefused as exc:
+        raise _refused(
+            f"{call.method} {call.path}", exc.error, exc.instance_id, exc.stack_id, call
+        ) from None
+    # A request answered from kept credentials may never have opened a session.
+    session = g.get("db_session")
+    if session is not None:
+        session.commit()
+    return result
+
+
 def _json_object(required: bool) -> dict[str, Any]:
-    if not request.get_data(cache=True).strip() and not required:
+    return json_object(request.get_data(cache=True), request.mimetype, required=required)
+
+
+def json_object(raw: bytes, mimetype: str, *, required: bool) -> dict[str, Any]:
+    """A request body that must be a JSON object (an empty one is {} unless `required`)."""
+    if not raw.strip() and not required:
         return {}
-    body = read_json()
+    body = parse_json_body(raw, mimetype)
     if not isinstance(body, dict):
         raise Invalid("the request body must be a JSON object", code="invalid_body")
     return body
@@ -279,8 +332,8 @@ def enroll_node() -> Any:
 # --- signed endpoints -------------------------------------------------------------------------
 
 
-def parse_metrics(body: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-    """Split a heartbeat into (metrics, agent_version); raise Invalid when malformed."""
+def parse_metrics(body: dict[str, Any], size: int) -> tuple[dict[str, Any], str | None]:
+    """Split a heartbeat (`size` bytes as sent) into (metrics, agent_version), or Invalid."""
     agent_version = body.get("agent_version")
     if agent_version is not None and (
         not isinstance(agent_version, str) or not 0 < len(agent_version) <= 32
@@ -293,7 +346,7 @@ def parse_metrics(body: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     metrics = {k: v for k, v in body.items() if k != "agent_version"}
     # Re-encoded, no JSON token grows more than 4.5 times (1e15 -> 1000000000000000.0;
     # \\uXXXX for a 2-byte character is 3): a small body needs no second encoding.
-    small = len(request.get_data(cache=True)) * 6 <= MAX_METRICS_BYTES
+    small = size * 6 <= MAX_METRICS_BYTES
     if not small and len(json.dumps(metrics, separators=(",", ":"))) > MAX_METRICS_BYTES:
         raise Invalid(
             f"heartbeat metrics are over {MAX_METRICS_BYTES} bytes", code="metrics_too_large"
@@ -318,27 +371,38 @@ return {1, due and 1 or 0, previous or ''}
 
 _heartbeat_script = HotScript(_HEARTBEAT_SCRIPT)
 
+HEARTBEAT_PATH = "/agent/v1/heartbeat"
+
 
 @blueprint.post("/heartbeat")
-@signed_replay_in_handler
-def heartbeat(agent: AgentIdentity) -> Any:
+def heartbeat() -> Any:
+    """A heartbeat whose body has no Content-Length or is over the limit (HeartbeatPath's rest)."""
+    return jsonify(answer_heartbeat(SignedCall.from_request()))
+
+
+def answer_heartbeat(call: SignedCall) -> dict[str, Any]:
     """Keep the node's latest metrics; the first heartbeat after enrollment starts setup.
 
     Metrics go to Redis on every beat; the database row (last_heartbeat_at, metrics, agent
     version) is written at most every HEARTBEAT_PERSIST_SECONDS, or at once when the agent
     version changes or the lifecycle moves, so thousands of agents do not mean thousands of
-    writes per minute.
+    writes per minute. Needs an app context; raises ScalariumError.
     """
-    metrics, agent_version = parse_metrics(_json_object(required=False))
+    return run_signed(call, lambda agent: _beat(call, agent), spend_replay=False)
+
+
+def _beat(call: SignedCall, agent: AgentIdentity) -> dict[str, Any]:
+    metrics, agent_version = parse_metrics(
+        json_object(call.body, call.mimetype, required=False), len(call.body)
+    )
     now = utcnow()
-    connection = get_redis(current_app)
     keys = _keys()
     replay = agent.replay
     if replay is None:
-        raise RuntimeError("heartbeat needs @signed_replay_in_handler")
+        raise RuntimeError("a heartbeat spends its signature itself (spend_replay=False)")
     try:
         answer = _heartbeat_script(
-            connection,
+            get_redis(current_app),
             keys=[
                 replay.key,
                 keys.metrics(agent.instance_id),
@@ -364,7 +428,7 @@ def heartbeat(agent: AgentIdentity) -> Any:
     connecting = agent.status in _CONNECT_TRIGGERS
     version_changed = (previous_version or b"").decode() != (agent_version or "")
     if not (due or connecting or version_changed):
-        return jsonify({"ok": True, "status": agent.status})
+        return {"ok": True, "status": agent.status}
     session = db.session()
     values: dict[str, Any] = {"metrics": metrics, "last_heartbeat_at": now}
     if agent_version is not None:
@@ -374,7 +438,7 @@ def heartbeat(agent: AgentIdentity) -> Any:
     values["updated_at"] = Instance.updated_at
     session.execute(update(Instance).where(Instance.id == agent.instance_id).values(**values))
     if not connecting:
-        return jsonify({"ok": True, "status": agent.status})
+        return {"ok": True, "status": agent.status}
     instance = lock_instance(session, agent.instance_id)
     trigger = _CONNECT_TRIGGERS.get(instance.status)
     if trigger is not None:
@@ -385,7 +449,48 @@ def heartbeat(agent: AgentIdentity) -> Any:
             actor=f"instance:{agent.instance_id}",
             reason="agent connected",
         )
-    return jsonify({"ok": True, "status": instance.status})
+    return {"ok": True, "status": instance.status}
+
+
+class HeartbeatPath:
+    """WSGI: heartbeats answered below Flask; every other request goes on to `wsgi_app`.
+
+    Heartbeats are most of an agent fleet's requests (one per node per minute), and Flask's
+    request machinery (a request context, URL matching, a Response object) cost about as much
+    as checking the signature (py-spy on bench/bench_signed_requests.py). This path reads the
+    body itself and runs the same answer_heartbeat as the Flask route, in an app context (the
+    database session and the teardown that closes it). It takes only a POST to HEARTBEAT_PATH
+    with a Content-Length within the app's limit; anything else (a chunked body, an oversized
+    one, another method) goes to Flask, which answers it as before.
+    """
+
+    def __init__(self, app: Flask, wsgi_app: Callable[..., Any]) -> None:
+        self.app = app
+        self.wsgi_app = wsgi_app
+        self.limit = app.config["MAX_CONTENT_LENGTH"]
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if environ.get("PATH_INFO") != HEARTBEAT_PATH or environ["REQUEST_METHOD"] != "POST":
+            return self.wsgi_app(environ, start_response)
+        raw_length = environ.get("CONTENT_LENGTH")
+        if not raw_length or not raw_length.isdigit() or int(raw_length) > self.limit:
+            return self.wsgi_app(environ, start_response)
+        length = int(raw_length)
+        body = environ["wsgi.input"].read(length) if length else b""
+        with self.app.app_context():
+            try:
+                status, document = 200, answer_heartbeat(SignedCall.from_environ(environ, body))
+            except ScalariumError as exc:
+                status, document = exc.status, exc.to_dict()
+            except Exception as exc:  # noqa: BLE001 - answered as Flask's handler answers it
+                error = unexpected_error(exc)
+                status, document = error.status, error.to_dict()
+            payload = self.app.json.dumps(document).encode() + b"\n"
+        start_response(
+            f"{status} {HTTP_STATUS_CODES.get(status, 'Unknown')}",
+            [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))],
+        )
+        return [payload]
 
 
 def latest_metrics(connection: redis.Redis, keys: Keys, instance_id: str) -> dict[str, Any] | None:

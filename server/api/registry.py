@@ -78,10 +78,13 @@ class Api:
 
 def read_json() -> Any:
     """The request body parsed as JSON, or Invalid."""
-    raw = request.get_data(cache=True)
+    return parse_json_body(request.get_data(cache=True), request.mimetype)
+
+
+def parse_json_body(raw: bytes, mimetype: str) -> Any:
+    """A request body (`mimetype` lower-cased, without parameters) parsed as JSON, or Invalid."""
     if not raw.strip():
         raise Invalid("a JSON request body is required", code="missing_body")
-    mimetype = request.mimetype
     if mimetype and mimetype != "application/json" and not mimetype.endswith("+json"):
         raise UnsupportedMediaType("the request body must be application/json")
     try:

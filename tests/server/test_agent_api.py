@@ -11,7 +11,7 @@ import shlex
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,13 +22,16 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
-from flask import Flask
+from flask import Flask, request, request_started
 from flask.testing import FlaskClient
 from sqlalchemy import select
+from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from chef_bridge.auth import format_time, sign_request
 from server import pki
+from server.api import agent as agent_api
 from server.api.agent import MAX_WAIT_SECONDS, latest_metrics, parse_wait, wake
+from server.app import MAX_BODY_BYTES
 from server.db import get_database
 from server.enrollment import get_ca, revoke_instance_certificates
 from server.errors import Invalid
@@ -660,3 +663,127 @@ def test_oversized_heartbeat_is_refused_without_storing_it(app: Flask, node: Nod
     with get_database(app).session() as session:
         row = session.get(Instance, node.instance_id)
         assert row is not None and row.last_heartbeat_at is None
+
+
+# --- heartbeats below Flask (server/api/agent.py HeartbeatPath) -------------------------------
+
+
+@pytest.fixture
+def flask_requests(app: Flask) -> Iterator[list[str]]:
+    """The paths of the requests that went through Flask's own request handling."""
+    seen: list[str] = []
+
+    def record(sender: Flask, **extra: Any) -> None:
+        seen.append(request.path)
+
+    request_started.connect(record, app)
+    yield seen
+    request_started.disconnect(record, app)
+
+
+def without_content_length(app: Flask, node: Node, body: bytes) -> tuple[int, Any]:
+    """A signed heartbeat whose body is sent chunked (no Content-Length): (status, payload)."""
+    headers = sign_request(
+        node.key, node.instance_id, "POST", HEARTBEAT, body, server_api_version="1"
+    )
+    environ = EnvironBuilder(
+        path=HEARTBEAT,
+        method="POST",
+        data=body,
+        headers={**headers, "Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+    ).get_environ()
+    del environ["CONTENT_LENGTH"]
+    environ["wsgi.input_terminated"] = True
+    answer, status, _ = run_wsgi_app(app, environ, buffered=True)
+    return int(status.split()[0]), json.loads(b"".join(answer))
+
+
+def test_heartbeats_and_their_refusals_are_answered_below_flask(
+    app: Flask, node: Node, flask_requests: list[str]
+) -> None:
+    accepted = node.heartbeat()
+    assert accepted.status_code == 200
+    assert accepted.mimetype == "application/json"
+    assert accepted.get_json() == {"ok": True, "status": InstanceState.RUNNING_SETUP.value}
+    forged = node.signed("POST", HEARTBEAT, b"{}", key=rsa_key(3))
+    assert forged.status_code == 401
+    assert forged.get_json()["error"]["code"] == "bad_signature"
+    assert refusals(app, "bad_signature")[-1].data["path"] == HEARTBEAT
+    assert flask_requests == []
+    # Every other agent request still goes through Flask.
+    assert node.signed("GET", "/agent/v1/commands?wait=0").status_code == 200
+    assert flask_requests == ["/agent/v1/commands"]
+
+
+def test_a_heartbeat_without_content_length_is_answered_by_flask_the_same_way(
+    app: Flask, node: Node, flask_requests: list[str]
+) -> None:
+    assert node.heartbeat().status_code == 200
+    status, payload = without_content_length(
+        app, node, json.dumps({"agent_version": "1.0.0", "load": [7, 7, 7]}).encode()
+    )
+    assert (status, payload) == (200, {"ok": True, "status": InstanceState.RUNNING_SETUP.value})
+    assert flask_requests == [HEARTBEAT]
+    stored = latest_metrics(
+        app.extensions["scalarium.redis"], app.extensions["scalarium.keys"], node.instance_id
+    )
+    assert stored is not None and stored["load"] == [7, 7, 7]
+    # Refused the same way too: a replay of that exact request would be; a bad body is.
+    status, payload = without_content_length(app, node, b"[1, 2]")
+    assert (status, payload["error"]["code"]) == (400, "invalid_body")
+
+
+def test_a_heartbeat_body_over_the_request_limit_is_refused_by_flask(
+    app: Flask, node: Node, flask_requests: list[str]
+) -> None:
+    before = snapshot(app)
+    body = b'{"junk": "' + b"x" * MAX_BODY_BYTES + b'"}'
+    response = node.signed("POST", HEARTBEAT, body)
+    assert response.status_code == 413
+    assert response.get_json()["error"]["code"] == "payload_too_large"
+    assert snapshot(app) == before
+    assert flask_requests == [HEARTBEAT]
+
+
+def test_other_methods_on_the_heartbeat_path_are_not_allowed(app: Flask) -> None:
+    response = app.test_client().get(HEARTBEAT)
+    assert response.status_code == 405
+    assert response.get_json()["error"]["code"] == "method_not_allowed"
+    assert "POST" in response.headers["Allow"]
+
+
+def test_a_failure_below_flask_is_logged_and_answered_as_a_500(
+    app: Flask, node: Node, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(call: Any, agent: Any) -> Any:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(agent_api, "_beat", broken)
+    response = node.heartbeat()
+    assert response.status_code == 500
+    assert response.get_json()["error"]["code"] == "internal_error"
+    assert "disk on fire" not in response.get_data(as_text=True)
+    assert "unhandled error: RuntimeError" in caplog.text
+    assert "disk on fire" in caplog.text
+
+
+def test_a_server_mounted_under_a_prefix_checks_the_path_the_agent_signed(
+    app: Flask, node: Node
+) -> None:
+    body = json.dumps({"agent_version": "1.0.0"}).encode()
+
+    def send(signed_path: str) -> Any:
+        headers = sign_request(
+            node.key, node.instance_id, "POST", signed_path, body, server_api_version="1"
+        )
+        return node.client.post(
+            HEARTBEAT,
+            base_url="http://localhost/scalarium",
+            data=body,
+            headers={**headers, "Content-Type": "application/json"},
+        )
+
+    assert send("/scalarium" + HEARTBEAT).status_code == 200
+    unprefixed = send(HEARTBEAT)
+    assert unprefixed.status_code == 401
+    assert unprefixed.get_json()["error"]["code"] == "bad_signature"
