@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from server.client import ApiError, Client
-from server.config import describe, load_settings
+from server.config import describe, load_settings, mask_url
 
 # What `list` prints for each resource: (column, key).
 COLUMNS: dict[str, list[str]] = {
@@ -55,7 +55,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        problem = _database_problem(exc)
+        if problem is None:
+            raise
+        print(f"error: database_unavailable: {problem}", file=sys.stderr)
+        return 1
     return int(result or 0)
+
+
+def _database_problem(exc: BaseException) -> str | None:
+    """One line for a database that refused a server-side command (a missing database, a wrong
+    password, a server that is down): the operator's to fix, no traceback needed."""
+    errors = sys.modules.get("sqlalchemy.exc")
+    if errors is None or not isinstance(exc, errors.OperationalError):
+        return None
+    reason = str(exc.orig if exc.orig is not None else exc).strip().splitlines()
+    where = mask_url(_settings().database_url)
+    return f"cannot use the database {where}: {reason[0] if reason else type(exc).__name__}"
 
 
 class UsageError(Exception):

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from server.cli import main
-from tests.conftest import REDIS_URL
+from tests.conftest import PG_ADMIN_URL, REDIS_URL
 from tests.server.live import LiveServer, live_server
 
 
@@ -255,3 +255,18 @@ def test_update_cookbooks_is_queued(cli: Any) -> None:
     code, out, err = cli("stacks", "update-cookbooks", "books")
     assert code == 0, err
     assert out.startswith("update-cookbooks: queued")
+
+
+@pytest.mark.parametrize("command", [["db", "upgrade"], ["tokens", "list"]])
+def test_a_database_that_cannot_be_used_is_one_clear_line(
+    command: list[str], monkeypatch: pytest.MonkeyPatch, capsys: Any, tmp_path: Path
+) -> None:
+    missing = PG_ADMIN_URL.rsplit("/", 1)[0].replace("://postgres@", "://postgres:pw@")
+    monkeypatch.setenv("SCALARIUM_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("SCALARIUM_DATABASE_URL", missing + "/scalarium_no_such_database")
+    monkeypatch.setenv("SCALARIUM_REDIS_URL", REDIS_URL)
+    assert main(command) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: database_unavailable: cannot use the database postgresql")
+    assert '"scalarium_no_such_database" does not exist' in err
+    assert "Traceback" not in err and ":pw@" not in err
