@@ -65,9 +65,24 @@ def post_json(base: str, path: str, body: Any) -> Any:
         return json.loads(response.read())
 
 
+def admin_token(data_dir: Path, env: dict[str, str]) -> str:
+    """The admin token the server wrote on its first start, or (a used database) a new one."""
+    written = data_dir / "admin-token"
+    if written.exists():
+        return written.read_text().strip()
+    created = subprocess.run(
+        [sys.executable, "-m", "server.cli", "tokens", "create", "bench", "--admin"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return created.stdout.strip().splitlines()[-1]
+
+
 def enroll_agents(base: str, token: str, agents: int, keys: list[bytes]) -> list[tuple[str, bytes]]:
     """Create and enroll `agents` instances; return (instance id, key) pairs."""
-    stack = api(base, token, "POST", "/stacks", {"shortname": "bench"})
+    stack = api(base, token, "POST", "/stacks", {"shortname": f"bench-{os.urandom(3).hex()}"})
     layer = api(base, token, "POST", f"/stacks/{stack['id']}/layers", {"shortname": "web"})
     enrolled = []
     for n in range(agents):
@@ -222,20 +237,23 @@ def main() -> None:
         settings = load_settings(env)
         # Started here (not daemonized) so that this script owns it and stops it.
         redis_child = embedded.start(settings, daemonize=False)
-        server = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "server"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        server_log = Path(tmp) / "server.log"
+        with server_log.open("wb") as log_file:
+            server = subprocess.Popen(
+                [sys.executable, "-m", "server.cli", "server"],
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
             base = f"http://127.0.0.1:{port}"
             from server.processes import wait_healthy
 
             if not wait_healthy(base, timeout=60):
-                raise SystemExit("the server did not become healthy")
-            token = (Path(tmp) / "admin-token").read_text().strip()
+                tail = server_log.read_text(errors="replace").splitlines()[-20:]
+                raise SystemExit("the server did not become healthy; its log:\n" + "\n".join(tail))
+            token = admin_token(Path(tmp), env)
             keys = [pki.generate_private_key_pem() for _ in range(args.keys)]
             started = time.perf_counter()
             enrolled = enroll_agents(base, token, args.agents, keys)
