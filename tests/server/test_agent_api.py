@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import http.client
 import importlib.util
 import json
 import shlex
@@ -35,6 +36,7 @@ from server.app import MAX_BODY_BYTES
 from server.db import get_database
 from server.enrollment import get_ca, revoke_instance_certificates
 from server.errors import Invalid
+from server.keys import Keys
 from server.models import (
     Command,
     EnrollmentToken,
@@ -43,7 +45,8 @@ from server.models import (
     InstanceCertificate,
     InstanceState,
 )
-from tests.conftest import Api
+from tests.conftest import REDIS_URL, Api
+from tests.server.live import LiveServer, live_server
 
 HEARTBEAT = "/agent/v1/heartbeat"
 FACTS = {"hostname": "node-a", "os": "debian", "architecture": "x86_64", "private_ip": "10.1.2.3"}
@@ -787,3 +790,75 @@ def test_a_server_mounted_under_a_prefix_checks_the_path_the_agent_signed(
     unprefixed = send(HEARTBEAT)
     assert unprefixed.status_code == 401
     assert unprefixed.get_json()["error"]["code"] == "bad_signature"
+
+
+def http_call(
+    server: LiveServer,
+    method: str,
+    path: str,
+    body: bytes | Iterator[bytes] | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
+    """One request to a live server: (status, JSON answer). An iterator body is sent chunked."""
+    connection = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=30)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_gunicorn_serves_heartbeats_with_and_without_a_content_length(
+    tmp_path: Path, redis_client: Any
+) -> None:
+    with live_server(tmp_path, REDIS_URL) as server:
+        admin = {"Authorization": f"Bearer {server.token}", "Content-Type": "application/json"}
+
+        def api(method: str, path: str, payload: Any = None) -> Any:
+            body = None if payload is None else json.dumps(payload).encode()
+            status, answer = http_call(server, method, "/api/v1" + path, body, admin)
+            assert status < 300, answer
+            return answer
+
+        stack = api("POST", "/stacks", {"shortname": "live"})
+        layer = api("POST", f"/stacks/{stack['id']}/layers", {"shortname": "web"})
+        instance_id = api(
+            "POST",
+            f"/stacks/{stack['id']}/instances",
+            {"hostname": "node-a", "layer_ids": [layer["id"]]},
+        )["id"]
+        words = shlex.split(api("GET", f"/instances/{instance_id}/user-data")["user_data"])
+        token = words[words.index("--token") + 1]
+        status, enrolled = http_call(
+            server,
+            "POST",
+            "/agent/v1/enroll",
+            json.dumps(enroll_body(token, instance_id, rsa_key(1))).encode(),
+            {"Content-Type": "application/json"},
+        )
+        assert status == 201, enrolled
+
+        def heartbeat(load: int, chunked: bool, headers: dict[str, str] | None = None) -> Any:
+            body = json.dumps({"agent_version": "1.0.0", "load": [load]}).encode()
+            signature = headers or sign_request(
+                rsa_key(1), instance_id, "POST", HEARTBEAT, body, server_api_version="1"
+            )
+            sent = iter([body[:10], body[10:]]) if chunked else body
+            answer = http_call(
+                server,
+                "POST",
+                HEARTBEAT,
+                sent,
+                {**signature, "Content-Type": "application/json"},
+            )
+            return answer, signature
+
+        running_setup = {"ok": True, "status": InstanceState.RUNNING_SETUP.value}
+        assert heartbeat(1, chunked=False)[0] == (200, running_setup)
+        (status, answer), signature = heartbeat(2, chunked=True)
+        assert (status, answer) == (200, running_setup)
+        (status, answer), _ = heartbeat(2, chunked=False, headers=signature)
+        assert (status, answer["error"]["code"]) == (401, "replayed_request")
+        stored = redis_client.get(Keys().metrics(instance_id))
+        assert stored is not None and json.loads(stored)["load"] == [2]
