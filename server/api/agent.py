@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import redis
 from flask import Blueprint, Flask, current_app, g, jsonify, request
 from sqlalchemy import update
-from werkzeug.http import HTTP_STATUS_CODES
+from werkzeug.http import HTTP_STATUS_CODES, parse_options_header
 
 from chef_bridge.auth import LowerHeaders
 from server import db, orchestrator
@@ -173,7 +173,8 @@ class SignedCall:
             signed_path=environ.get("SCRIPT_NAME", "").rstrip("/") + path,
             body=body,
             headers=_signing_headers(environ),
-            mimetype=environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower(),
+            # As werkzeug derives request.mimetype.
+            mimetype=parse_options_header(environ.get("CONTENT_TYPE", ""))[0].lower(),
         )
 
 
@@ -371,10 +372,10 @@ return {1, due and 1 or 0, previous or ''}
 
 _heartbeat_script = HotScript(_HEARTBEAT_SCRIPT)
 
-HEARTBEAT_PATH = "/agent/v1/heartbeat"
+HEARTBEAT_PATH = f"{blueprint.url_prefix}/heartbeat"
 
 
-@blueprint.post("/heartbeat")
+@blueprint.post("/heartbeat")  # HEARTBEAT_PATH
 def heartbeat() -> Any:
     """A heartbeat whose body has no Content-Length or is over the limit (HeartbeatPath's rest)."""
     return jsonify(answer_heartbeat(SignedCall.from_request()))
